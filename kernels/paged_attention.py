@@ -1,0 +1,106 @@
+"""Paged attention over a block-major KV cache: the plain-PyTorch reference (the CPU engine's hot path).
+
+One call serves prefill chunks over cached context and decodes. Sequences are padded into dense
+batches (queries [B, Qmax, Hq, D], keys/values gathered through the block table [B, Lmax, Hk, D]) and
+attended with one masked fp32 ``scaled_dot_product_attention``; decodes (one query each) are batched
+apart from prefill chunks so that one long chunk does not pad every decode to its length.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _gather_context(
+    kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor, max_seq_len: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """K and V [B, Lmax, Hk, D] (fp32) of each sequence's positions, plus the valid-key mask [B, Lmax]."""
+    block_size = kv_cache.shape[3]
+    num_table_cols = block_tables.shape[1]
+    pos = torch.arange(max_seq_len, device=kv_cache.device)
+    valid = pos[None, :] < seq_lens[:, None].long()
+    cols = torch.div(pos, block_size, rounding_mode="floor").clamp(max=num_table_cols - 1)
+    blocks = block_tables.long()[:, cols]
+    # Table entries past a sequence's end may be padding (any value): point them at block 0.
+    blocks = torch.where(valid, blocks, torch.zeros_like(blocks))
+    offsets = (pos % block_size)[None, :].expand_as(blocks)
+    k = kv_cache[blocks, layer, 0, offsets].float()
+    v = kv_cache[blocks, layer, 1, offsets].float()
+    return k, v, valid
+
+
+def _attend_group(
+    q: Tensor,
+    kv_cache: Tensor,
+    layer: int,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    q_starts: Tensor,
+    q_lens: Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Attention for a group of sequences; returns (outputs [N, Hq, D] fp32, their query rows [N])."""
+    num_tokens = q.shape[0]
+    qi = torch.arange(max_query_len, device=q.device)
+    q_valid = qi[None, :] < q_lens[:, None]
+    rows = (q_starts[:, None] + qi[None, :]).clamp(max=num_tokens - 1)
+    q_pad = q[rows].float().transpose(1, 2)  # [B, Hq, Qmax, D]
+
+    k, v, key_valid = _gather_context(kv_cache, layer, block_tables, seq_lens, max_seq_len)
+    # New token i of sequence b sits at position seq_len - q_len + i and sees positions <= its own.
+    q_pos = (seq_lens.long() - q_lens)[:, None] + qi[None, :]
+    kpos = torch.arange(max_seq_len, device=q.device)
+    mask = (kpos[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]
+    out = F.scaled_dot_product_attention(
+        q_pad,
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask[:, None, :, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    out = out.transpose(1, 2)  # [B, Qmax, Hq, D]
+    return out[q_valid], rows[q_valid]
+
+
+def paged_attention_ref(
+    q: Tensor,
+    kv_cache: Tensor,
+    layer: int,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+) -> Tensor:
+    """Causal attention of the new tokens ``q`` [T, Hq, D] over each sequence's paged K/V.
+
+    Sequence b owns query rows ``query_start_loc[b]:query_start_loc[b+1]``; its ``seq_lens[b]``
+    tokens (the new ones included, already written to the cache) sit at positions
+    0..seq_lens[b]-1, reached through ``block_tables[b]``. GQA: Hq is a multiple of Hk.
+    Softmax in fp32; returns [T, Hq, D] in ``q.dtype``.
+    """
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    starts = query_start_loc[:-1].long()
+    q_lens = query_start_loc[1:].long() - starts
+    if max_query_len <= 1:
+        groups = [torch.arange(seq_lens.shape[0], device=q.device)]
+        group_qmax = [1]
+    else:
+        is_decode = q_lens <= 1
+        groups = [is_decode.nonzero().flatten(), (~is_decode).nonzero().flatten()]
+        group_qmax = [1, max_query_len]
+    for idx, qmax in zip(groups, group_qmax):
+        if idx.numel() == 0:
+            continue
+        lens = seq_lens[idx]
+        group_max_seq = min(max_seq_len, int(lens.max()))
+        vals, rows = _attend_group(
+            q, kv_cache, layer, block_tables[idx], lens, starts[idx], q_lens[idx], qmax,
+            group_max_seq, scale,
+        )
+        out[rows] = vals
+    return out.to(q.dtype)
