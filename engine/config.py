@@ -1,0 +1,74 @@
+"""Engine configuration: one typed object, validated once where it enters the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half", "float")
+_KV_CACHE_DTYPES = ("auto",)
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class EngineConfig:
+    """Everything `LLM(...)`, `tierkv generate` and `tierkv serve` configure.
+
+    `model=None` serves the embedded default model (SmolLM2-135M-Instruct). `num_gpu_blocks`
+    overrides KV-pool sizing; otherwise the pool gets `kv_cache_memory_bytes` (CPU, default 2 GiB)
+    or what `gpu_memory_utilization` leaves after a profiling forward (CUDA).
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_gpu_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    kv_cache_dtype: str = "auto"
+    seed: int = 0
+    enable_prefix_caching: bool = True
+    kv_transfer_config: dict | None = None
+    device: str = "auto"
+    served_model_name: str | None = None
+    max_waiting_requests: int | None = None
+    async_scheduling: bool = True
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                     "num_gpu_blocks", "kv_cache_memory_bytes", "max_waiting_requests"):
+            positive(name)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(_KV_CACHE_DTYPES)} "
+                             f"(the KV cache uses the model dtype), got {self.kv_cache_dtype!r}")
+        if self.device not in _DEVICES:
+            raise ValueError(f"device must be one of {', '.join(_DEVICES)}, got {self.device!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.kv_transfer_config is not None and not isinstance(self.kv_transfer_config, dict):
+            raise ValueError("kv_transfer_config must be a JSON object (dict), "
+                             f"got {type(self.kv_transfer_config).__name__}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        """Build from keyword arguments, naming any argument the engine does not know."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(known))}")
+        return cls(**kwargs)

@@ -1,0 +1,160 @@
+"""The engine core: the step loop that ties scheduler, KV cache and model runner together.
+
+It sees only token ids; tokenizing, detokenizing and stop strings live in the front end
+(`engine.output_processor`), so nothing there can hold up a step.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.request import EngineRequest, Request, RequestStatus
+from engine.core.scheduler import Scheduler, SchedulerOutput, SchedulerStats
+from engine.models.config import ModelConfig, load_model_config
+from engine.runner.model_runner import ModelRunner, StepResult
+from engine.sampling.sampler import SamplingBatch
+from kvstore.keys import Namespace
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def kv_namespace(cfg: ModelConfig, block_size: int) -> Namespace:
+    """The namespace that pins what a KV block's bytes depend on (shared/DESIGN.md, Keys)."""
+    return Namespace(model=cfg.name, revision=cfg.revision, dtype=str(cfg.dtype).removeprefix("torch."),
+                     num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                     block_size=block_size)
+
+
+class EngineCore:
+    """Accepts token-level requests and advances all of them one step at a time."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = load_model_config(config.model, config.dtype)
+        self.max_model_len = self._max_model_len()
+        self.device = resolve_device(config.device)
+        self.runner = ModelRunner(self.model_config, config, self.device, self.max_model_len)
+        self.namespace = kv_namespace(self.model_config, config.block_size)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, eos_token_ids=self.model_config.eos_token_ids)
+        self._rng = random.Random(config.seed)
+
+    def _max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        wanted = self.config.max_model_len or limit
+        if wanted > limit:
+            raise ValueError(f"max_model_len={wanted} is longer than the model's "
+                             f"max_position_embeddings={limit}")
+        return wanted
+
+    def add_request(self, req: EngineRequest) -> None:
+        """Queue a request; raises ValueError for a prompt the engine cannot serve."""
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens; max_model_len is {self.max_model_len}, "
+                             "which must leave room for at least one generated token")
+        vocab = self.model_config.vocab_size
+        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        if req.request_id in self.scheduler.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        params = req.sampling_params
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        max_tokens = self.max_model_len - n
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        self.scheduler.add_request(Request(req, seed=seed, max_tokens=max_tokens,
+                                           block_size=self.config.block_size,
+                                           hash_seed=self.namespace.digest()))
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self.scheduler.abort(request_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def step(self) -> list[EngineCoreOutput]:
+        """Schedule, run the model once, and report each request's new token."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        block_tables = [self.kv.block_ids(sr.request.request_id) for sr in out.scheduled]
+        batch, banned = self._sampling_batch(out)
+        result = self.runner.execute(out, block_tables, batch, banned)
+        updated = self.scheduler.update_from_output(out, result.token_ids)
+        return self._outputs(out, result, updated)
+
+    def _sampling_batch(self, out: SchedulerOutput) -> tuple[SamplingBatch | None, list]:
+        rows = [sr.request for sr in out.scheduled if sr.sample]
+        if not rows:
+            return None, []
+        batch = SamplingBatch.build(
+            [r.sampling_params for r in rows], [r.seed for r in rows], [r.num_output_tokens for r in rows],
+            [r.prompt_token_ids for r in rows], [r.output_token_ids for r in rows],
+            self.model_config.vocab_size, self.device)
+        banned = []
+        for i, r in enumerate(rows):
+            params = r.sampling_params
+            if r.num_output_tokens < params.min_tokens:
+                stop_ids = list(params.stop_token_ids or [])
+                if not params.ignore_eos:
+                    stop_ids += self.model_config.eos_token_ids
+                banned.append((i, stop_ids))
+        return batch, banned
+
+    def _outputs(self, out: SchedulerOutput, result: StepResult,
+                 updated: list[Request]) -> list[EngineCoreOutput]:
+        done = {r.request_id for r in updated}
+        outputs = []
+        row = -1
+        for sr in out.scheduled:
+            if not sr.sample:
+                continue
+            row += 1
+            r = sr.request
+            if r.request_id not in done:
+                continue
+            logprobs = None
+            if r.sampling_params.logprobs is not None and result.logprobs is not None:
+                k = r.sampling_params.logprobs
+                top = list(zip(result.topk_ids[row][:k], result.topk_logprobs[row][:k])) if k else []
+                logprobs = [(result.logprobs[row], top)]
+            outputs.append(EngineCoreOutput(
+                request_id=r.request_id, new_token_ids=[r.output_token_ids[-1]], new_logprobs=logprobs,
+                finish_reason=r.finish_reason if r.status != RequestStatus.RUNNING else None,
+                stop_reason=r.stop_reason, num_cached_tokens=max(r.num_cached_tokens, 0)))
+        return outputs

@@ -1,0 +1,203 @@
+"""Continuous batching with chunked prefill under a per-step token budget.
+
+Every step: running requests first (a decode is one token, an unfinished prefill gets the next
+chunk), then waiting requests in arrival order while budget, sequence slots and KV blocks last.
+When a running request cannot get a block, the most recently admitted request is preempted: its
+blocks are freed and it goes back to the front of the queue to be recomputed later (its output so
+far is kept, so it resumes where it stopped).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step: `num_tokens` tokens from `num_computed_tokens` on."""
+
+    request: Request
+    start: int
+    num_tokens: int
+    sample: bool  # this chunk reaches the end of the known tokens, so a new token is sampled
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SchedulerStats:
+    """Counters and gauges the server exports under vLLM's metric names."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+    computed_tokens: int
+
+
+class Scheduler:
+    """Decides, each step, which requests run and how many tokens each computes."""
+
+    def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, eos_token_ids: Iterable[int]) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.computed_tokens = 0  # tokens run through the model, recomputation included
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_ids: Iterable[str]) -> list[Request]:
+        """Finish the named requests now and free their blocks; unknown ids are ignored."""
+        aborted = []
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+            aborted.append(request)
+        return aborted
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, n, out):
+                break
+            self._add(out, request, n)
+            budget -= n
+            i += 1
+        if out.preempted:
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            hits = self.kv.get_computed_blocks(request)
+            num_hit = len(hits) * self.kv.block_size
+            n = min(request.num_tokens - num_hit, budget)
+            if not self.kv.allocate_slots(request, n, hits):
+                break
+            self.waiting.popleft()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+                self.prompt_tokens += request.num_prompt_tokens
+            self.kv.record_prefix_lookup(request.num_tokens, num_hit)
+            request.num_computed_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self._add(out, request, n)
+            budget -= n
+        return out
+
+    def _allocate_or_preempt(self, request: Request, n: int, out: SchedulerOutput) -> bool:
+        while not self.kv.allocate_slots(request, n):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        logger.debug("preempted %s (%d tokens) for lack of KV blocks", request.request_id, request.num_tokens)
+
+    def _add(self, out: SchedulerOutput, request: Request, n: int) -> None:
+        start = request.num_computed_tokens
+        sample = start + n == request.num_tokens
+        out.scheduled.append(ScheduledRequest(request, start, n, sample))
+        out.num_batched_tokens += n
+        self.computed_tokens += n
+
+    def update_from_output(self, out: SchedulerOutput, sampled: list[int]) -> list[Request]:
+        """Advance each scheduled request; `sampled` holds one token per sampling request, in order.
+
+        Returns the requests that got a new token (finished ones included, blocks freed).
+        """
+        updated = []
+        it = iter(sampled)
+        for sr in out.scheduled:
+            request = sr.request
+            token = next(it) if sr.sample else None
+            if request.status != RequestStatus.RUNNING:
+                continue  # aborted while its step ran
+            request.num_computed_tokens = sr.start + sr.num_tokens
+            if token is None:
+                continue
+            request.append_output_token(token)
+            self.generation_tokens += 1
+            status = self._check_stop(request, token)
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status)
+            updated.append(request)
+        return updated
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if params.stop_token_ids and token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.kv.free(request)
+        del self.requests[request.request_id]
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting), kv_cache_usage=self.kv.usage,
+            prefix_cache_queries=self.kv.prefix_queries, prefix_cache_hits=self.kv.prefix_hits,
+            num_preemptions=self.num_preemptions, prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens, computed_tokens=self.computed_tokens)
