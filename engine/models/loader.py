@@ -1,0 +1,105 @@
+"""Load weights (HF safetensors or GGUF, dequantized) into a CausalLM, and the model's tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+from tqdm import tqdm
+
+from engine.models.config import ModelConfig, read_gguf_metadata, safetensors_files
+from engine.models.llama import CausalLM
+from engine.models.registry import build_model
+
+logger = logging.getLogger(__name__)
+
+# Checkpoint tensors that carry nothing we load: RoPE tables some exporters save (we compute ours).
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def load_model(cfg: ModelConfig, device: torch.device) -> CausalLM:
+    """Build the model for `cfg` on `device` in `cfg.dtype` and fill every parameter from the checkpoint.
+
+    The module is built on the meta device and materialised uninitialised: every parameter is then
+    written exactly once from the checkpoint, and a tensor missing or unexpected is an error.
+    """
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model = model.to(dtype=cfg.dtype).to_empty(device=device)
+    tensors = _gguf_tensors(cfg) if cfg.is_gguf else _safetensors_tensors(cfg)
+    _fill_parameters(model, tensors)
+    model.build_rotary_cache()
+    return model.eval()
+
+
+def _fill_parameters(model: CausalLM, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    layout = model.checkpoint_layout()
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for name, tensor in tensors:
+            if name not in layout:
+                if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and model.lm_head is None):
+                    continue
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {model.cfg.architecture} "
+                                 f"with this config.json; is the config right for these weights?")
+            param_name, rows = layout[name]
+            target = params[param_name].data if rows is None else params[param_name].data[rows]
+            if target.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"config expects {tuple(target.shape)}")
+            target.copy_(tensor)
+            loaded.add(name)
+    missing = sorted(set(layout) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"checkpoint of {model.cfg.path!r} lacks {len(missing)} tensors: {shown}")
+
+
+def _safetensors_tensors(cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of every shard, one at a time (peak host memory: one tensor), with a progress bar."""
+    from safetensors import safe_open
+
+    files = safetensors_files(cfg.path)
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            total += len(f.keys())
+    with tqdm(total=total, desc=f"Loading {cfg.name}", unit="tensor") as bar:
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+                    bar.update(1)
+
+
+def _gguf_tensors(cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """GGUF tensors dequantized, renamed to HF names and un-permuted by transformers (its own progress bar)."""
+    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    raw = read_gguf_metadata(cfg.path)["config"]
+    hf_config = CONFIG_MAPPING[raw["model_type"]].from_dict({k: v for k, v in raw.items() if not k.startswith("_")})
+    # transformers maps GGUF names to HF names through a model's state_dict; a meta model costs nothing.
+    with torch.device("meta"):
+        names_model = AutoModelForCausalLM.from_config(hf_config)
+    checkpoint = load_gguf_checkpoint(cfg.path, return_tensors=True, model_to_load=names_model,
+                                      torch_dtype=cfg.dtype)
+    yield from checkpoint["tensors"].items()
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's HF tokenizer, with its chat template (from tokenizer files or GGUF metadata)."""
+    from transformers import AutoTokenizer
+
+    if cfg.is_gguf:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(cfg.path), gguf_file=os.path.basename(cfg.path))
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = read_gguf_metadata(cfg.path)["tokenizer_config"].get("chat_template")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+    if tokenizer.chat_template is None:
+        logger.warning("model %s has no chat template: chat requests will be refused", cfg.name)
+    return tokenizer
