@@ -1,0 +1,231 @@
+"""Typed configuration of the store: tier objects and the daemon's YAML/JSON file.
+
+Tier objects are the same dicts the engine's `--kv-transfer-config` lists under
+"secondary_tiers", so one description serves both programs. Everything is validated here, once;
+inner code trusts these models. Errors name the offending key and what was expected, and never
+echo the value (it may be a credential).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator, model_validator
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or malformed; the message names the key."""
+
+
+def parse_bytes(value: int | str) -> int:
+    """`8589934592`, `"8GiB"`, `"512 MiB"`, `"1.5GB"` -> a byte count."""
+    if isinstance(value, bool):
+        raise ValueError("expected a byte size such as 8GiB or an integer")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("expected a non-negative byte size")
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match and match.group(2).lower() in _UNITS:
+            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    raise ValueError("expected a byte size such as 8GiB, 512MiB or an integer")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MemoryTierConfig(_Strict):
+    """CPU memory: a byte budget; LRU-by-prefix eviction writes blocks down to the next tier."""
+
+    type: Literal["memory"]
+    name: str | None = None
+    bytes: Annotated[int, Field(ge=0)] = 8 * 2**30
+    ttl_s: Annotated[float, Field(gt=0)] | None = None
+    verify_reads: bool = True
+
+    @field_validator("bytes", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_bytes(value)
+
+    @property
+    def tier_name(self) -> str:
+        return self.name or self.type
+
+
+class RedisTierConfig(_Strict):
+    """Redis: pipelined batches over a pool; short timeouts so a dead Redis costs milliseconds."""
+
+    type: Literal["redis"]
+    name: str | None = None
+    url: SecretStr = SecretStr("redis://localhost:6379/0")
+    key_prefix: str = "tierkv:"
+    ttl_s: Annotated[float, Field(gt=0)] | None = 86400.0
+    bytes: Annotated[int, Field(ge=0)] | None = None
+    pool_size: Annotated[int, Field(ge=1, le=1024)] = 16
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 0.2
+    socket_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+
+    @field_validator("bytes", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int | None:
+        return None if value is None else parse_bytes(value)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: SecretStr) -> SecretStr:
+        scheme = urlsplit(url.get_secret_value()).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        return url
+
+    @property
+    def tier_name(self) -> str:
+        return self.name or self.type
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password, for logs."""
+        parts = urlsplit(self.url.get_secret_value())
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class ObjTierConfig(_Strict):
+    """An S3-compatible object store; one object per block, many blocks in flight."""
+
+    type: Literal["obj", "s3"]
+    name: str | None = None
+    bucket: Annotated[str, Field(min_length=1, max_length=63)]
+    endpoint_override: str | None = None
+    scheme: Literal["http", "https"] = "https"
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    region: str = "us-east-1"
+    key_prefix: str = "tierkv/"
+    ttl_s: Annotated[float, Field(gt=0)] | None = None
+    max_inflight: Annotated[int, Field(ge=1, le=1024)] = 32
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 0.5
+    read_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    max_attempts: Annotated[int, Field(ge=1, le=10)] = 2
+
+    @field_validator("type")
+    @classmethod
+    def _alias(cls, value: str) -> str:
+        return "obj"
+
+    @model_validator(mode="after")
+    def _keys_in_pairs(self) -> "ObjTierConfig":
+        if (self.access_key is None) != (self.secret_key is None):
+            raise ValueError("access_key and secret_key must be given together (or neither, for the default chain)")
+        return self
+
+    @property
+    def tier_name(self) -> str:
+        return self.name or self.type
+
+    @property
+    def endpoint_url(self) -> str | None:
+        return f"{self.scheme}://{self.endpoint_override}" if self.endpoint_override else None
+
+
+TierConfig = Annotated[Union[MemoryTierConfig, RedisTierConfig, ObjTierConfig], Field(discriminator="type")]
+_TIER_LIST = TypeAdapter(list[TierConfig])
+
+
+def _check_unique_names(tiers: list[TierConfig]) -> None:
+    names = [t.tier_name for t in tiers]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"tier names must be unique; repeated: {duplicates} (add a 'name:' key)")
+
+
+class StoreConfig(_Strict):
+    """The daemon's config file (`kvstore serve --config`)."""
+
+    listen: str = "127.0.0.1:50051"
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    auth_token_env: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tiers: list[TierConfig] = Field(default_factory=lambda: [MemoryTierConfig(type="memory")], min_length=1)
+    promote_on_hit: bool = True
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 2**20
+    max_keys_per_call: Annotated[int, Field(ge=1)] = 4096
+    max_key_bytes: Annotated[int, Field(ge=1)] = 64
+    max_namespace_len: Annotated[int, Field(ge=1)] = 128
+
+    @field_validator("max_message_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_bytes(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StoreConfig":
+        _check_unique_names(self.tiers)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return self
+
+
+def _describe(error: ValidationError, where: str) -> ConfigError:
+    """A message naming each bad key and what was expected, without echoing values."""
+    lines = []
+    for item in error.errors(include_input=False, include_url=False):
+        loc = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}{'.' if where and loc else ''}{loc}: {message}")
+    return ConfigError("invalid kvstore config: " + "; ".join(lines))
+
+
+def parse_tiers(tiers: list[dict]) -> list[TierConfig]:
+    """Validate a list of tier dicts (the engine's "secondary_tiers" shape)."""
+    try:
+        parsed = _TIER_LIST.validate_python(tiers)
+        _check_unique_names(parsed)
+    except ValidationError as error:
+        raise _describe(error, "tiers") from None
+    except ValueError as error:
+        raise ConfigError(f"invalid kvstore config: tiers: {error}") from None
+    return parsed
+
+
+def parse_store_config(data: dict) -> StoreConfig:
+    """Validate an already-loaded config mapping."""
+    if not isinstance(data, dict):
+        raise ConfigError("invalid kvstore config: expected a mapping at the top level")
+    try:
+        return StoreConfig.model_validate(data)
+    except ValidationError as error:
+        raise _describe(error, "") from None
+
+
+def load_store_config(path: str | Path) -> StoreConfig:
+    """Read a YAML or JSON config file (chosen by suffix; YAML otherwise)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read kvstore config {path}: {error.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"kvstore config {path} is not valid JSON: {error.msg} at line {error.lineno}") from None
+    except yaml.YAMLError as error:
+        # Only the position: the YAML error's snippet could quote a credential.
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"kvstore config {path} is not valid YAML{where}") from None
+    return parse_store_config(data or {})

@@ -1,0 +1,239 @@
+"""TieredStore: KV-cache blocks across ordered tiers (memory → Redis → S3, any subset, any order).
+
+Reads walk the tiers fastest first and take each block from the first tier that holds an intact
+copy; a copy that fails its checksum (or has expired) is deleted from that tier and the walk goes
+on below. A hit below the first tier is promoted (copied up) into every faster tier. Writes go to
+the tiers the caller names (default: the first); blocks a tier evicts to stay in its budget are
+written down to the next tier unless already there. A tier that fails is a miss for reads and is
+skipped for writes (see `tiers.guard`): nothing a tier does can raise out of these methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvstore import tier_metrics
+from kvstore.checksum import SealedBlock
+from kvstore.config import ConfigError, StoreConfig, TierConfig, parse_tiers
+from kvstore.tiers import Tier, TierUsage, build_tier
+from kvstore.tiers.base import Evicted
+from kvstore.tiers.guard import TierGuard
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LookupResult", "TieredStore", "TierUsage"]
+
+
+def _validated(tiers: Sequence[TierConfig | dict]) -> list[TierConfig]:
+    """Tier configs from models or raw dicts (the engine passes its JSON objects)."""
+    if not tiers:
+        raise ConfigError("tiers: expected at least one tier")
+    if all(isinstance(t, dict) for t in tiers):
+        return parse_tiers(list(tiers))
+    configs = [parse_tiers([t])[0] if isinstance(t, dict) else t for t in tiers]
+    names = [cfg.tier_name for cfg in configs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"tiers: tier names must be unique, got {names} (add a 'name:' key)")
+    return configs
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """How many leading keys are present, and for each the fastest tier holding it."""
+
+    num_hits: int
+    tiers: list[str]
+
+
+class TieredStore:
+    """An in-process multi-tier block store; thread-safe."""
+
+    def __init__(self, tiers: Sequence[TierConfig | dict], *, promote_on_hit: bool = True):
+        configs = _validated(tiers)
+        self.promote_on_hit = promote_on_hit
+        self._tiers: list[Tier] = []
+        try:
+            for cfg in configs:
+                self._tiers.append(build_tier(cfg))
+        except Exception:
+            self.close()
+            raise
+        self._guards = [TierGuard(tier.name) for tier in self._tiers]
+        self._index = {tier.name: i for i, tier in enumerate(self._tiers)}
+
+    @classmethod
+    def from_config(cls, cfg: StoreConfig) -> "TieredStore":
+        return cls(cfg.tiers, promote_on_hit=cfg.promote_on_hit)
+
+    @property
+    def tier_names(self) -> list[str]:
+        return [tier.name for tier in self._tiers]
+
+    def lookup(self, namespace: str, keys: list[bytes]) -> LookupResult:
+        """Leading keys present in any tier (existence only; `get` verifies the bytes)."""
+        located: list[str | None] = [None] * len(keys)
+        pending = list(range(len(keys)))
+        for t, tier in enumerate(self._tiers):
+            if not pending:
+                break
+            asked = [keys[i] for i in pending]
+            present = self._guards[t].call("contains", lambda: tier.contains(namespace, asked), [False] * len(asked))
+            for i, hit in zip(pending, present):
+                if hit:
+                    located[i] = tier.name
+            pending = [i for i in pending if located[i] is None]
+        num_hits = next((i for i, name in enumerate(located) if name is None), len(keys))
+        return LookupResult(num_hits, [name for name in located[:num_hits] if name is not None])
+
+    def get(self, namespace: str, keys: list[bytes]) -> list[bytes | None]:
+        """Payloads in key order; None for a miss (absent, expired, failed checksum, tier down)."""
+        found: list[SealedBlock | None] = [None] * len(keys)
+        pending = list(range(len(keys)))
+        promotions: list[tuple[int, list[tuple[bytes, SealedBlock]]]] = []
+        now = time.time()
+        for t, tier in enumerate(self._tiers):
+            if not pending:
+                break
+            asked = [keys[i] for i in pending]
+            blocks = self._guards[t].call("get", lambda: tier.get(namespace, asked), [None] * len(asked))
+            still, bad, hits = [], [], []
+            for i, block in zip(pending, blocks):
+                if block is None:
+                    still.append(i)
+                elif block.expired(now) or (getattr(tier, "verify_reads", True) and not block.intact()):
+                    if not block.expired(now):
+                        tier_metrics.CORRUPT.labels(tier.name).inc()
+                        log.warning("block failed its checksum in tier %s (namespace %s); deleted", tier.name, namespace)
+                    bad.append(keys[i])
+                    still.append(i)
+                else:
+                    found[i] = block
+                    hits.append((keys[i], block))
+            self._count_reads(tier.name, hits, len(still))
+            if bad:
+                self._guards[t].call("delete", lambda: tier.delete(namespace, bad), 0)
+            if hits and t > 0 and self.promote_on_hit:
+                promotions.append((t, hits))
+            pending = still
+        for t, hits in promotions:
+            self._promote(namespace, t, hits)
+        return [block.payload if block is not None else None for block in found]
+
+    def put(
+        self,
+        namespace: str,
+        blocks: list[tuple[bytes, bytes]],
+        *,
+        tiers: list[str] | None = None,
+        ttl_s: float | None = None,
+    ) -> int:
+        """Store blocks in the named tiers (None = the first tier); the number stored. Idempotent."""
+        targets = [0] if tiers is None else self._tier_indexes(tiers)
+        if ttl_s is not None and ttl_s <= 0:
+            raise ValueError(f"ttl_s: expected a positive number of seconds, got {ttl_s}")
+        if not blocks:
+            return 0
+        expires_at = time.time() + ttl_s if ttl_s is not None else None
+        sealed = [(key, SealedBlock.seal(payload, expires_at)) for key, payload in blocks]
+        stored = False
+        for t in targets:
+            stored |= self._put_into(namespace, t, sealed)
+        return len(sealed) if stored else 0
+
+    def delete(self, namespace: str, keys: list[bytes]) -> int:
+        """Remove keys from every tier; the number of keys that were present in some tier."""
+        present = [False] * len(keys)
+        for t, tier in enumerate(self._tiers):
+            held = self._guards[t].call("contains", lambda: tier.contains(namespace, keys), [False] * len(keys))
+            present = [a or b for a, b in zip(present, held)]
+            self._guards[t].call("delete", lambda: tier.delete(namespace, keys), 0)
+        return sum(present)
+
+    def clear(self, namespace: str) -> int:
+        """Remove a namespace from every tier; the most blocks removed from any one tier
+        (a block held by several tiers is one block, and tiers cannot cheaply tell which)."""
+        removed = 0
+        for t, tier in enumerate(self._tiers):
+            removed = max(removed, self._guards[t].call("clear", lambda: tier.clear(namespace), 0))
+        return removed
+
+    def stats(self) -> dict[str, dict[str, TierUsage]]:
+        """namespace -> tier name -> blocks and payload bytes held (tiers that are down are left out)."""
+        by_namespace: dict[str, dict[str, TierUsage]] = defaultdict(dict)
+        for t, tier in enumerate(self._tiers):
+            usage = self._guards[t].call("usage", tier.usage, None)
+            if usage is None:
+                continue
+            for namespace, held in usage.items():
+                by_namespace[namespace][tier.name] = held
+            tier_metrics.BLOCKS_HELD.labels(tier.name).set(sum(u.blocks for u in usage.values()))
+            tier_metrics.BYTES_HELD.labels(tier.name).set(sum(u.bytes for u in usage.values()))
+        return dict(by_namespace)
+
+    def health(self) -> dict[str, bool]:
+        """tier name -> whether it answers now (pings each tier)."""
+        return {tier.name: guard.probe(tier.ping) for tier, guard in zip(self._tiers, self._guards)}
+
+    def close(self) -> None:
+        for tier in self._tiers:
+            try:
+                tier.close()
+            except Exception:  # noqa: BLE001 - closing the rest matters more
+                log.warning("closing tier %s failed", tier.name, exc_info=True)
+
+    def __enter__(self) -> "TieredStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _tier_indexes(self, names: list[str]) -> list[int]:
+        unknown = [name for name in names if name not in self._index]
+        if unknown:
+            raise ValueError(f"tiers: unknown tier name(s) {unknown}; configured: {self.tier_names}")
+        return sorted({self._index[name] for name in names})
+
+    def _put_into(self, namespace: str, t: int, blocks: list[tuple[bytes, SealedBlock]]) -> bool:
+        """Write into tier t and write its evictions down; whether tier t took the blocks."""
+        tier = self._tiers[t]
+        evicted = self._guards[t].call("put", lambda: tier.put(namespace, blocks), None)
+        if evicted is None:
+            return False
+        tier_metrics.BYTES_IN.labels(tier.name).inc(sum(len(block.payload) for _, block in blocks))
+        if evicted:
+            self._write_down(t + 1, evicted)
+        return True
+
+    def _write_down(self, t: int, evicted: list[Evicted]) -> None:
+        """Give evicted blocks to tier t unless it already holds them (dropped past the last tier)."""
+        if t >= len(self._tiers):
+            return
+        tier, guard = self._tiers[t], self._guards[t]
+        by_namespace: dict[str, list[tuple[bytes, SealedBlock]]] = defaultdict(list)
+        for namespace, key, block in evicted:
+            by_namespace[namespace].append((key, block))
+        for namespace, blocks in by_namespace.items():
+            keys = [key for key, _ in blocks]
+            held = guard.call("contains", lambda: tier.contains(namespace, keys), None)
+            if held is None:
+                continue
+            missing = [entry for entry, present in zip(blocks, held) if not present]
+            if missing and self._put_into(namespace, t, missing):
+                tier_metrics.DEMOTIONS.labels(tier.name).inc(len(missing))
+
+    def _promote(self, namespace: str, found_in: int, hits: list[tuple[bytes, SealedBlock]]) -> None:
+        for t in range(found_in):
+            if self._put_into(namespace, t, hits):
+                tier_metrics.PROMOTIONS.labels(self._tiers[t].name).inc(len(hits))
+
+    @staticmethod
+    def _count_reads(tier_name: str, hits: list[tuple[bytes, SealedBlock]], misses: int) -> None:
+        if hits:
+            tier_metrics.HITS.labels(tier_name).inc(len(hits))
+            tier_metrics.BYTES_OUT.labels(tier_name).inc(sum(len(block.payload) for _, block in hits))
+        if misses:
+            tier_metrics.MISSES.labels(tier_name).inc(misses)

@@ -1,0 +1,67 @@
+"""The Tier interface: what the store asks of CPU memory, Redis and S3 alike.
+
+Every method is batched (one call per request, not per block) because Redis pipelines and S3's
+many-in-flight requests only pay off on batches. Tiers store and return `SealedBlock`s and do not
+judge them: the store verifies every block it reads and deletes bad copies. A remote tier signals
+trouble by raising `TierError`; the store turns that into a miss or a skipped write.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvstore.checksum import SealedBlock
+
+
+class TierError(Exception):
+    """A tier could not answer (unreachable, timed out, refused); the message holds no credentials."""
+
+
+@dataclass(frozen=True)
+class TierUsage:
+    """What one tier holds for one namespace."""
+
+    blocks: int
+    bytes: int
+
+
+Evicted = tuple[str, bytes, SealedBlock]
+"""(namespace, key, block) pushed out of a tier by its byte budget."""
+
+
+class Tier(ABC):
+    """One storage level. Implementations are thread-safe."""
+
+    name: str
+
+    @abstractmethod
+    def get(self, namespace: str, keys: Sequence[bytes]) -> list[SealedBlock | None]:
+        """The stored blocks (None = absent or expired), in key order."""
+
+    @abstractmethod
+    def contains(self, namespace: str, keys: Sequence[bytes]) -> list[bool]:
+        """Which keys are present and not expired, without reading payloads."""
+
+    @abstractmethod
+    def put(self, namespace: str, blocks: Sequence[tuple[bytes, SealedBlock]]) -> list[Evicted]:
+        """Store blocks (overwriting); return what the byte budget pushed out, for write-down."""
+
+    @abstractmethod
+    def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
+        """Remove keys; the number that were present."""
+
+    @abstractmethod
+    def clear(self, namespace: str) -> int:
+        """Remove every block of a namespace; the number removed."""
+
+    @abstractmethod
+    def usage(self) -> dict[str, TierUsage]:
+        """Blocks and payload bytes held, per namespace."""
+
+    def ping(self) -> None:
+        """Raise TierError if the tier cannot be reached."""
+
+    def close(self) -> None:
+        """Release connections and threads."""
