@@ -1,0 +1,139 @@
+"""`kvstore bench`: put/get throughput (GB/s) and p50/p99 call latency per tier and block size.
+
+Against a running daemon (`--url`) each tier the daemon reports is measured by putting through that
+tier alone and reading the blocks back once (run the daemon with `promote_on_hit: false` so reads
+from a lower tier are not also copies into the faster ones). Without a URL, each configured tier is
+measured as its own in-process single-tier store. Every block read back is compared with what was
+put: a wrong or missing block is counted, never silently timed.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvstore.config import StoreConfig, TierConfig
+from kvstore.store import TieredStore
+
+DEFAULT_BLOCK_SIZES = (256 << 10, 1 << 20, 2 << 20, 4 << 20, 8 << 20)
+_DISTINCT_PAYLOADS = 4
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """One (tier, block size) measurement; latencies are per call of `batch` blocks."""
+
+    mode: str
+    tier: str
+    block_bytes: int
+    blocks: int
+    batch: int
+    put_gbps: float
+    put_p50_ms: float
+    put_p99_ms: float
+    get_gbps: float
+    get_p50_ms: float
+    get_p99_ms: float
+    bad_blocks: int
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    if len(samples) == 1:
+        return samples[0]
+    return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
+
+
+def _timed_calls(calls: list[Callable[[], object]]) -> tuple[list[float], float, list[object]]:
+    """Run calls one after another; per-call seconds, total seconds, and the results."""
+    latencies, results = [], []
+    start = time.perf_counter()
+    for call in calls:
+        t0 = time.perf_counter()
+        results.append(call())
+        latencies.append(time.perf_counter() - t0)
+    return latencies, time.perf_counter() - start, results
+
+
+def bench_tier(store, mode: str, tier: str, block_bytes: int, blocks: int, batch: int,
+               put_tiers: list[str] | None) -> BenchResult:
+    """Put `blocks` blocks through `store` in calls of `batch`, then get each back once."""
+    namespace = f"bench-{uuid.uuid4().hex[:12]}"
+    # A few distinct random payloads (not one per block) keep the bench's own memory small.
+    payloads = [os.urandom(block_bytes) for _ in range(min(_DISTINCT_PAYLOADS, blocks))]
+    keys = [uuid.uuid4().bytes for _ in range(blocks)]
+    groups = [list(range(i, min(i + batch, blocks))) for i in range(0, blocks, batch)]
+
+    def put_call(group: list[int]) -> Callable[[], object]:
+        return lambda: store.put(namespace, [(keys[i], payloads[i % len(payloads)]) for i in group], tiers=put_tiers)
+
+    def get_call(group: list[int]) -> Callable[[], object]:
+        return lambda: store.get(namespace, [keys[i] for i in group])
+
+    try:
+        put_lat, put_total, _ = _timed_calls([put_call(g) for g in groups])
+        get_lat, get_total, got = _timed_calls([get_call(g) for g in groups])
+    finally:
+        store.delete(namespace, keys)
+    bad = sum(payload != payloads[i % len(payloads)]
+              for group, payloads_back in zip(groups, got) for i, payload in zip(group, payloads_back))
+    volume = block_bytes * blocks / 1e9
+    return BenchResult(
+        mode=mode, tier=tier, block_bytes=block_bytes, blocks=blocks, batch=batch,
+        put_gbps=volume / put_total, put_p50_ms=_percentile(put_lat, 50) * 1e3, put_p99_ms=_percentile(put_lat, 99) * 1e3,
+        get_gbps=volume / get_total, get_p50_ms=_percentile(get_lat, 50) * 1e3, get_p99_ms=_percentile(get_lat, 99) * 1e3,
+        bad_blocks=bad,
+    )
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def bench_in_process(cfg: StoreConfig, block_sizes: list[int], blocks: int, batch: int) -> list[BenchResult]:
+    """Each configured tier alone, as an embedded single-tier store (no promotion)."""
+    results = []
+    for tier_cfg in cfg.tiers:
+        results += _bench_single_tier(tier_cfg, block_sizes, blocks, batch)
+    return results
+
+
+def _bench_single_tier(tier_cfg: TierConfig, block_sizes: list[int], blocks: int, batch: int) -> list[BenchResult]:
+    with TieredStore([tier_cfg], promote_on_hit=False) as store:
+        results = []
+        for size in block_sizes:
+            _progress(f"in-process {tier_cfg.tier_name}: {blocks} blocks of {size >> 10} KiB ...")
+            results.append(bench_tier(store, "in-process", tier_cfg.tier_name, size, blocks, batch, None))
+        return results
+
+
+def bench_daemon(client, block_sizes: list[int], blocks: int, batch: int) -> list[BenchResult]:
+    """Each tier the daemon reports up, written through alone and read back through the daemon."""
+    results = []
+    for tier, up in client.health().items():
+        if not up:
+            _progress(f"daemon {tier}: reported down, skipped")
+            continue
+        for size in block_sizes:
+            _progress(f"daemon {tier}: {blocks} blocks of {size >> 10} KiB ...")
+            results.append(bench_tier(client, "daemon", tier, size, blocks, batch, [tier]))
+    return results
+
+
+def format_table(results: list[BenchResult]) -> str:
+    """A Markdown table of the results."""
+    lines = [
+        "| mode | tier | block | blocks x batch | put GB/s | put p50 ms | put p99 ms | get GB/s | get p50 ms | get p99 ms | bad |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        block = f"{r.block_bytes >> 20} MiB" if r.block_bytes >= 1 << 20 else f"{r.block_bytes >> 10} KiB"
+        lines.append(
+            f"| {r.mode} | {r.tier} | {block} | {r.blocks} x {r.batch} | {r.put_gbps:.3f} | {r.put_p50_ms:.2f} | "
+            f"{r.put_p99_ms:.2f} | {r.get_gbps:.3f} | {r.get_p50_ms:.2f} | {r.get_p99_ms:.2f} | {r.bad_blocks} |"
+        )
+    return "\n".join(lines)

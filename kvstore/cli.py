@@ -1,0 +1,106 @@
+"""The `kvstore` command: `serve` (the daemon), `bench` (throughput and latency), `gen-proto`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from dataclasses import asdict
+
+from kvstore.config import ConfigError, StoreConfig, load_store_config, parse_bytes
+
+log = logging.getLogger("kvstore")
+
+
+def _load_config(path: str | None) -> StoreConfig:
+    return load_store_config(path) if path else StoreConfig()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kvstore.server import serve
+
+    cfg = _load_config(args.config)
+    handle = serve(cfg, host=args.host, port=args.port, metrics_port=args.metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"kvstore serving on {handle.host}:{handle.port}", flush=True)
+    stop.wait()
+    log.info("signal received, draining calls and stopping")
+    handle.stop(grace_s=args.grace)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kvstore import bench
+
+    block_sizes = [parse_bytes(size) for size in args.block_sizes.split(",")]
+    if args.url:
+        from kvstore.auth import token_from_env
+        from kvstore.client import KVStoreClient
+
+        cfg = _load_config(args.config)
+        roots = cfg.tls_cert.read_bytes() if cfg.tls_cert else None
+        with KVStoreClient(args.url, token=token_from_env(cfg.auth_token_env), root_certificates=roots) as client:
+            results = bench.bench_daemon(client, block_sizes, args.blocks, args.batch)
+    else:
+        results = bench.bench_in_process(_load_config(args.config), block_sizes, args.blocks, args.batch)
+    print(bench.format_table(results))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump([asdict(r) for r in results], out, indent=1)
+    return 1 if any(r.bad_blocks for r in results) else 0
+
+
+def cmd_gen_proto(args: argparse.Namespace) -> int:
+    from kvstore.proto import generate
+
+    print(f"generated {generate()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvstore", description="tierkv's multi-tier KV-cache store")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC daemon (memory-only on 127.0.0.1:50051 without --config)")
+    serve.add_argument("--config", help="YAML or JSON config file (see deploy/kvstore.yaml)")
+    serve.add_argument("--host", help="listen address (overrides the file's listen)")
+    serve.add_argument("--port", type=int, help="listen port (overrides the file's listen; 0 = any free port)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (overrides metrics_port)")
+    serve.add_argument("--grace", type=float, default=5.0, help="seconds running calls get to finish on SIGTERM")
+    serve.set_defaults(run=cmd_serve)
+
+    bench = sub.add_parser("bench", help="put/get GB/s and p50/p99 latency per tier and block size")
+    bench.add_argument("--url", help="grpc://host:port of a running daemon (default: an in-process store)")
+    bench.add_argument("--config", help="tiers for the in-process store; with --url, its token and TLS settings")
+    bench.add_argument("--block-sizes", default="256KiB,1MiB,2MiB,4MiB,8MiB", help="comma-separated sizes")
+    bench.add_argument("--blocks", type=int, default=32, help="blocks per tier and size")
+    bench.add_argument("--batch", type=int, default=4, help="blocks per put/get call")
+    bench.add_argument("--json", help="also write the results to this JSON file")
+    bench.set_defaults(run=cmd_bench)
+
+    gen = sub.add_parser("gen-proto", help="regenerate kvstore/proto/ from protos/kvstore.proto")
+    gen.set_defaults(run=cmd_gen_proto)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "blocks", 1) < 1 or getattr(args, "batch", 1) < 1:
+        print("kvstore: --blocks and --batch must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except (ConfigError, ValueError, OSError) as error:
+        print(f"kvstore: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Request validation at the daemon's edge: sizes, counts and names, checked before the store sees them.
+
+Every violation is a `LimitError` whose message names the field and the limit; the servicer turns it
+into INVALID_ARGUMENT. Values are never echoed back whole (a key is shown as a short hex prefix).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kvstore.config import StoreConfig
+
+# Namespaces become part of Redis keys and S3 object names: keep them to a safe, printable set.
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
+_TIER_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class LimitError(ValueError):
+    """A request breaks a limit or is malformed; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The daemon's per-request limits (from StoreConfig)."""
+
+    max_message_bytes: int = 64 * 2**20
+    max_keys_per_call: int = 4096
+    max_key_bytes: int = 64
+    max_namespace_len: int = 128
+
+    @classmethod
+    def from_config(cls, cfg: StoreConfig) -> "Limits":
+        return cls(
+            max_message_bytes=cfg.max_message_bytes,
+            max_keys_per_call=cfg.max_keys_per_call,
+            max_key_bytes=cfg.max_key_bytes,
+            max_namespace_len=cfg.max_namespace_len,
+        )
+
+    def check_namespace(self, namespace: str) -> None:
+        if not namespace:
+            raise LimitError("namespace: must not be empty")
+        if len(namespace) > self.max_namespace_len:
+            raise LimitError(f"namespace: {len(namespace)} characters, the limit is {self.max_namespace_len}")
+        if not _NAMESPACE_RE.match(namespace):
+            raise LimitError("namespace: only letters, digits and . _ : - are allowed")
+
+    def check_key(self, key: bytes, index: int) -> None:
+        if not key:
+            raise LimitError(f"keys[{index}]: must not be empty")
+        if len(key) > self.max_key_bytes:
+            raise LimitError(f"keys[{index}]: {len(key)} bytes, the limit is {self.max_key_bytes}")
+
+    def check_keys(self, keys: list[bytes]) -> None:
+        if len(keys) > self.max_keys_per_call:
+            raise LimitError(f"keys: {len(keys)} keys in one call, the limit is {self.max_keys_per_call}")
+        for index, key in enumerate(keys):
+            self.check_key(key, index)
+
+    def check_block_count(self, count: int) -> None:
+        if count > self.max_keys_per_call:
+            raise LimitError(f"blocks: more than {self.max_keys_per_call} blocks in one call")
+
+    def check_block_size(self, size: int, index: int) -> None:
+        if size > self.max_message_bytes:
+            raise LimitError(f"blocks[{index}]: {size} bytes, the limit (max_message_bytes) is {self.max_message_bytes}")
+
+    def check_tiers(self, tiers: list[str], known: list[str]) -> None:
+        for name in tiers:
+            if not _TIER_NAME_RE.match(name) or name not in known:
+                raise LimitError(f"tiers: unknown tier name; this store has {known}")
+
+    @staticmethod
+    def check_ttl(ttl_s: float | None) -> None:
+        if ttl_s is not None and not ttl_s > 0:
+            raise LimitError("ttl_s: must be a positive number of seconds")

@@ -1,0 +1,96 @@
+"""Daemon metrics: per-RPC latency, status and payload bytes, and the Prometheus HTTP endpoint.
+
+Per-tier traffic and up/down (`kvstore_tier_*`) is counted by the store (kvstore/tier_metrics.py);
+this module covers what only the daemon sees. All metrics live in prometheus_client's
+default registry, so one `/metrics` port shows both.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+from prometheus_client import Counter, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+# Blocks are MiBs: a Get of 8 MiB over loopback takes milliseconds, a cold S3 read up to seconds.
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+RPC_LATENCY = Histogram("kvstore_rpc_duration_seconds", "Latency of kvstore RPCs, by method",
+                        ["method"], buckets=_LATENCY_BUCKETS)
+RPC_TOTAL = Counter("kvstore_rpcs", "kvstore RPCs by method and final status code", ["method", "code"])
+RPC_BYTES = Counter("kvstore_rpc_payload_bytes", "Block payload bytes carried by RPCs", ["method"])
+
+
+def start_metrics_server(port: int, host: str = "0.0.0.0"):
+    """Serve /metrics on `port`; returns the HTTP server (call `.shutdown()` to stop it)."""
+    server, _thread = start_http_server(port, addr=host)
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    return server
+
+
+def _code_name(context: grpc.ServicerContext, failed: bool) -> str:
+    code = context.code()
+    if code is not None:
+        return code.name
+    if not failed:
+        return "OK"
+    # A stream closed without a status set: the client went away mid-call.
+    return "UNKNOWN" if context.is_active() else "CANCELLED"
+
+
+class RpcMetricsInterceptor(grpc.ServerInterceptor):
+    """Times every RPC (streaming ones until their last message) and counts its final status."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if handler.response_streaming:
+            behavior = handler.unary_stream or handler.stream_stream
+            wrapped = _timed_stream(behavior, method)
+        else:
+            behavior = handler.unary_unary or handler.stream_unary
+            wrapped = _timed_unary(behavior, method)
+        factory = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(handler.request_streaming, handler.response_streaming)]
+        return factory(wrapped, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+
+
+def _observe(method: str, start: float, context: grpc.ServicerContext, failed: bool) -> None:
+    RPC_LATENCY.labels(method=method).observe(time.perf_counter() - start)
+    RPC_TOTAL.labels(method=method, code=_code_name(context, failed)).inc()
+
+
+def _timed_unary(behavior: Callable, method: str) -> Callable:
+    def timed(request, context):
+        start, failed = time.perf_counter(), True
+        try:
+            response = behavior(request, context)
+            failed = False
+            return response
+        finally:
+            _observe(method, start, context, failed)
+
+    return timed
+
+
+def _timed_stream(behavior: Callable, method: str) -> Callable:
+    def timed(request, context) -> Iterator:
+        start, failed = time.perf_counter(), True
+        try:
+            yield from behavior(request, context)
+            failed = False
+        finally:
+            _observe(method, start, context, failed)
+
+    return timed

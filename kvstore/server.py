@@ -1,0 +1,259 @@
+"""The kvstore daemon: the KVStore gRPC servicer over a TieredStore, plus server start and stop.
+
+`serve(cfg)` starts a real gRPC server (thread pool, optional TLS and bearer token, the standard health
+service, metrics) and returns a `ServerHandle` with `.port` and `.stop()`; tests use it in-process and
+`kvstore serve` runs it as the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from kvstore import metrics
+from kvstore.auth import TokenAuthInterceptor, token_from_env
+from kvstore.config import StoreConfig
+from kvstore.limits import LimitError, Limits
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.store import TieredStore
+from kvstore.streaming import CHUNK_BYTES, BlockAssembler, block_messages
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
+# Puts are handed to the store in batches of about this many bytes, so a Put stream of many large
+# blocks never holds more than one batch in daemon memory.
+PUT_FLUSH_BYTES = 64 << 20
+# Gets read this many keys from the store at a time (bounded memory, still batched for Redis / S3).
+GET_BATCH_KEYS = 16
+DEFAULT_WORKERS = 64
+HEALTH_POLL_S = 1.0
+
+
+def tier_service_name(tier: str) -> str:
+    """The health-service name under which one tier's status is published."""
+    return f"{SERVICE_NAME}/tier/{tier}"
+
+
+class KVStoreServicer(pb_grpc.KVStoreServicer):
+    """Validates each request against the limits, then calls the store."""
+
+    def __init__(self, store: TieredStore, limits: Limits, tier_names: list[str]):
+        self._store = store
+        self._limits = limits
+        self._tier_names = tier_names
+
+    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
+        keys = self._checked(context, request.namespace, list(request.keys))
+        result = self._store.lookup(request.namespace, keys)
+        return pb.LookupResponse(num_hits=result.num_hits, tiers=result.tiers)
+
+    def Put(self, request_iterator: Iterator[pb.PutRequest], context: grpc.ServicerContext) -> pb.PutResponse:
+        stream = iter(request_iterator)
+        first = next(stream, None)
+        if first is None or first.WhichOneof("item") != "header":
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message of a Put stream must be a PutHeader")
+        header = first.header
+        ttl_s = header.ttl_s if header.HasField("ttl_s") else None
+        tiers = list(header.tiers) or None
+        try:
+            self._limits.check_namespace(header.namespace)
+            self._limits.check_tiers(tiers or [], self._tier_names)
+            self._limits.check_ttl(ttl_s)
+            return pb.PutResponse(stored=self._put_blocks(stream, header.namespace, tiers, ttl_s, context))
+        except LimitError as error:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+    def _put_blocks(self, stream, namespace: str, tiers: list[str] | None, ttl_s: float | None,
+                    context: grpc.ServicerContext) -> int:
+        assembler = BlockAssembler(self._limits.max_message_bytes)
+        batch: list[tuple[bytes, bytes]] = []
+        batch_bytes = stored = 0
+        for message in stream:
+            kind = message.WhichOneof("item")
+            if kind == "block":
+                self._limits.check_key(message.block.key, assembler.blocks_started)
+                self._limits.check_block_count(assembler.blocks_started + 1)
+                done = assembler.start(message.block)
+            elif kind == "data":
+                done = assembler.data(message.data)
+            else:
+                raise LimitError("a Put stream carries one PutHeader, first; then BlockStart and data messages")
+            if done is None:
+                continue
+            key, payload, crc_ok = done
+            if not crc_ok:
+                _abort(context, grpc.StatusCode.DATA_LOSS,
+                       f"blocks[{assembler.blocks_started - 1}]: crc32 mismatch, the payload was corrupted in "
+                       f"transit; {stored} earlier blocks were stored, resend the rest")
+            batch.append((key, payload))
+            batch_bytes += len(payload)
+            if batch_bytes >= PUT_FLUSH_BYTES:
+                stored += self._store_batch(namespace, batch, tiers, ttl_s)
+                batch, batch_bytes = [], 0
+        assembler.finish()
+        return stored + self._store_batch(namespace, batch, tiers, ttl_s)
+
+    def _store_batch(self, namespace: str, batch: list[tuple[bytes, bytes]], tiers: list[str] | None,
+                     ttl_s: float | None) -> int:
+        if not batch:
+            return 0
+        metrics.RPC_BYTES.labels(method="Put").inc(sum(len(payload) for _, payload in batch))
+        return self._store.put(namespace, batch, tiers=tiers, ttl_s=ttl_s)
+
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[pb.GetResponse]:
+        keys = self._checked(context, request.namespace, list(request.keys))
+        for first in range(0, len(keys), GET_BATCH_KEYS):
+            batch = keys[first : first + GET_BATCH_KEYS]
+            for key, payload in zip(batch, self._store.get(request.namespace, batch)):
+                if payload is None:
+                    yield pb.GetResponse(miss=pb.Miss(key=key))
+                    continue
+                metrics.RPC_BYTES.labels(method="Get").inc(len(payload))
+                for part in block_messages(key, payload, CHUNK_BYTES):
+                    yield pb.GetResponse(block=part) if isinstance(part, pb.BlockStart) else pb.GetResponse(data=part)
+
+    def Delete(self, request: pb.KeysRequest, context: grpc.ServicerContext) -> pb.CountResponse:
+        keys = self._checked(context, request.namespace, list(request.keys))
+        return pb.CountResponse(count=self._store.delete(request.namespace, keys))
+
+    def Clear(self, request: pb.ClearRequest, context: grpc.ServicerContext) -> pb.CountResponse:
+        self._checked(context, request.namespace, [])
+        return pb.CountResponse(count=self._store.clear(request.namespace))
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        usage = [
+            pb.TierUsage(namespace=namespace, tier=tier, blocks=u.blocks, bytes=u.bytes)
+            for namespace, tiers in self._store.stats().items()
+            for tier, u in tiers.items()
+        ]
+        tiers = [pb.TierHealth(tier=tier, up=up) for tier, up in self._store.health().items()]
+        return pb.StatsResponse(usage=usage, tiers=tiers)
+
+    def _checked(self, context: grpc.ServicerContext, namespace: str, keys: list[bytes]) -> list[bytes]:
+        try:
+            self._limits.check_namespace(namespace)
+            self._limits.check_keys(keys)
+        except LimitError as error:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return keys
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    context.abort(code, message)
+
+
+@dataclass
+class ServerHandle:
+    """A running daemon: its bound port, and how to stop it."""
+
+    port: int
+    host: str
+    store: TieredStore
+    _server: grpc.Server
+    _health: health.HealthServicer
+    _owns_store: bool
+    _metrics_http: object | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _monitor: threading.Thread | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics_http.server_port if self._metrics_http is not None else None
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Stop accepting calls, let running ones finish for `grace_s`, then close the store."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace_s).wait()
+        if self._monitor is not None:
+            self._monitor.join()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        if self._owns_store:
+            self.store.close()
+        log.info("kvstore daemon on port %d stopped", self.port)
+
+    def wait(self) -> None:
+        """Block until the server terminates."""
+        self._server.wait_for_termination()
+
+
+def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | None = None,
+          port: int | None = None, metrics_port: int | None = None, workers: int = DEFAULT_WORKERS) -> ServerHandle:
+    """Start the daemon described by `cfg`; `host`/`port`/`metrics_port` override the config (port 0 = any)."""
+    cfg_host, _, cfg_port = cfg.listen.rpartition(":")
+    host = host or cfg_host or "127.0.0.1"
+    port = int(cfg_port) if port is None else port
+    metrics_port = cfg.metrics_port if metrics_port is None else metrics_port
+    token = token_from_env(cfg.auth_token_env)
+    owns_store = store is None
+    store = TieredStore.from_config(cfg) if store is None else store
+    tier_names = [tier.tier_name for tier in cfg.tiers]
+
+    interceptors: list[grpc.ServerInterceptor] = [metrics.RpcMetricsInterceptor()]
+    if token is not None:
+        interceptors.append(TokenAuthInterceptor(token))
+    # Single messages are chunks of at most CHUNK_BYTES; the margin lets a message up to the block
+    # limit reach our own validation, which answers INVALID_ARGUMENT with a message.
+    max_message = cfg.max_message_bytes + (64 << 10)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvstore-rpc"),
+        interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", max_message),
+                 ("grpc.max_send_message_length", max_message),
+                 ("grpc.so_reuseport", 0)],
+    )
+    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, Limits.from_config(cfg), tier_names), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_secure_port(address, _tls_credentials(cfg)) if cfg.tls_cert else server.add_insecure_port(address)
+    if bound == 0:
+        if owns_store:
+            store.close()
+        raise OSError(f"kvstore: cannot listen on {address} (port in use or bad host)")
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    handle = ServerHandle(port=bound, host=host, store=store, _server=server, _health=health_servicer,
+                          _owns_store=owns_store)
+    if metrics_port is not None:
+        handle._metrics_http = metrics.start_metrics_server(metrics_port, host)
+    handle._monitor = threading.Thread(target=_watch_tiers, args=(handle,), name="kvstore-health", daemon=True)
+    _publish_tier_health(store, health_servicer)
+    handle._monitor.start()
+    log.info("kvstore daemon listening on %s (%s, tiers %s, token %s)", f"{host}:{bound}",
+             "TLS" if cfg.tls_cert else "plaintext", tier_names, "required" if token else "off")
+    return handle
+
+
+def _tls_credentials(cfg: StoreConfig) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
+
+
+def _publish_tier_health(store: TieredStore, health_servicer: health.HealthServicer) -> None:
+    for tier, up in store.health().items():
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        health_servicer.set(tier_service_name(tier), status)
+
+
+def _watch_tiers(handle: ServerHandle) -> None:
+    """Republish per-tier health every HEALTH_POLL_S until the server stops."""
+    while not handle._stopping.wait(HEALTH_POLL_S):
+        try:
+            _publish_tier_health(handle.store, handle._health)
+        except Exception:  # a failing health probe must not kill the monitor
+            log.exception("tier health probe failed")
