@@ -1,0 +1,170 @@
+"""The FastAPI app: OpenAI routes, health, version, metrics, API-key check, errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Awaitable
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from importlib.metadata import PackageNotFoundError, version
+from typing import TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.server.async_engine import AsyncEngine, EngineDeadError
+from engine.server.chat import chat, start_chat, stream_chat
+from engine.server.completions import complete, start_completion, stream_completion
+from engine.server.errors import APIError, bad_request, from_validation_error, invalid_api_key, unknown_model
+from engine.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from engine.server.sse import EventStreamResponse
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+def package_version() -> str:
+    try:
+        return version("tierkv")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_app(engine: AsyncEngine, model_names: tuple[str, ...], model_root: str,
+              api_key: str | None = None) -> FastAPI:
+    """An app serving `engine` under `model_names` (the first is the one reported in responses)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        await engine.stop()
+
+    app = FastAPI(title="tierkv", version=package_version(), lifespan=lifespan)
+    served = model_names[0]
+
+    def check_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise invalid_api_key()
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model not in model_names:
+            raise unknown_model(model)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(request: Request, err: EngineDeadError) -> JSONResponse:
+        return JSONResponse(APIError(str(err), HTTPStatus.SERVICE_UNAVAILABLE).body(), status_code=503)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(APIError(str(err.detail), err.status_code).body(), status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(APIError(f"Internal server error: {type(err).__name__}", 500).body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.alive:
+            raise APIError(f"The engine is not running: {engine.error!r}", HTTPStatus.SERVICE_UNAVAILABLE)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def server_version() -> dict:
+        return {"version": package_version()}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine.metrics.render(), media_type=engine.metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> ModelList:
+        check_api_key(request)
+        return ModelList(data=[ModelCard(id=name, root=model_root, max_model_len=engine.max_model_len)
+                               for name in model_names])
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        check_api_key(request)
+        req = await parse_body(request, CompletionRequest)
+        check_model(req.model)
+        request_id, stream = start_completion(req, engine)
+        if req.stream:
+            return EventStreamResponse(stream_completion(req, engine, served, request_id, stream))
+        body = await until_disconnected(request, complete(req, engine, served, request_id, stream), stream)
+        return _json_or_gone(body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        check_api_key(request)
+        req = await parse_body(request, ChatCompletionRequest)
+        check_model(req.model)
+        request_id, stream = start_chat(req, engine)
+        if req.stream:
+            return EventStreamResponse(stream_chat(req, engine, served, request_id, stream))
+        body = await until_disconnected(request, chat(req, engine, served, request_id, stream), stream)
+        return _json_or_gone(body)
+
+    return app
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The JSON body as `model`; malformed JSON or a bad field is a 400, never FastAPI's 422."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise bad_request(f"The request body is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"The request body must be a JSON object, got {type(data).__name__}.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise from_validation_error(err) from None
+
+
+async def until_disconnected(request: Request, work: Awaitable[T], stream) -> T | None:
+    """Run `work`; None if the client disconnected first, which aborts the request.
+
+    A non-streaming response sends nothing until the end, so only the connection tells us the
+    client went away; without this the request would run to completion for no one.
+    """
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        return work_task.result() if work_task.done() else None
+    finally:
+        watch_task.cancel()
+        if not work_task.done():
+            work_task.cancel()
+            stream.close()
+
+
+def _json_or_gone(body: BaseModel | None) -> Response:
+    # 499 (nginx's "client closed request"): no one is left to read it, but the access log shows why.
+    return JSONResponse(body.model_dump(mode="json")) if body is not None else Response(status_code=499)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

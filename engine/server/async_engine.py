@@ -1,0 +1,253 @@
+"""The engine core on a thread of its own, streaming each request's outputs to asyncio.
+
+Only the engine thread touches the `EngineCore`: it drains an inbox of new requests and aborts,
+steps, and posts the step's outputs and stats back to the event loop in one callback. It sleeps on
+a condition while there is nothing to do. Detokenization and stop strings (the `OutputProcessor`)
+run on the event loop, so HTTP and text work never hold up a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from engine.core.engine_core import EngineCore, EngineCoreOutput
+from engine.core.request import EngineRequest
+from engine.core.scheduler import SchedulerStats
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.sampling.params import SamplingParams
+from engine.server.errors import bad_request, overloaded
+from engine.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; no request can be served any more."""
+
+
+@dataclass
+class _Inbox:
+    """What the event loop hands the engine thread; guarded by AsyncEngine._cond."""
+
+    new: list[EngineRequest] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+    num_submitted: int = 0
+    stopping: bool = False
+
+
+@dataclass
+class _Timing:
+    arrival: float
+    last_token: float | None = None
+
+
+class AsyncEngine:
+    """Serves concurrent requests from asyncio on one `EngineCore` stepped by a dedicated thread."""
+
+    def __init__(self, core: EngineCore, tokenizer, metrics: ServerMetrics, max_waiting_requests: int) -> None:
+        self.core = core
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.max_waiting_requests = max_waiting_requests
+        self.max_model_len: int = core.max_model_len
+        self.vocab_size: int = core.model_config.vocab_size
+        self._output_processor = OutputProcessor(tokenizer)
+        self._cond = threading.Condition()
+        self._inbox = _Inbox()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._timings: dict[str, _Timing] = {}
+        self._stats: SchedulerStats = core.stats()
+        self._num_drained = 0
+        self._num_submitted = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will consume the outputs."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Abort what is still in flight, then let the engine thread finish its step and exit."""
+        in_flight = list(self._timings)
+        for request_id in list(self._streams):
+            self._fail(request_id, EngineDeadError("the server is shutting down"))
+        with self._cond:
+            self._inbox.aborts.extend(in_flight)
+            self._inbox.stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    # ---- requests --------------------------------------------------------------------------------
+
+    def num_waiting(self) -> int:
+        """Requests not yet running: the core's waiting queue plus what its inbox still holds."""
+        return self._stats.num_waiting + (self._num_submitted - self._num_drained)
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams, metadata: dict | None = None) -> "RequestStream":
+        """Admit a request (or raise: 503 when the waiting queue is full) and return its output stream."""
+        if not self.alive:
+            raise EngineDeadError(f"the engine is not running: {self.error!r}")
+        if self.num_waiting() >= self.max_waiting_requests:
+            raise overloaded(self.num_waiting())
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = queue
+        arrival = time.monotonic()
+        self._timings[request_id] = _Timing(arrival)
+        self._output_processor.add_request(request_id, prompt, prompt_token_ids, params, arrival)
+        self._submit(EngineRequest(request_id, prompt_token_ids, params, arrival_time=arrival, metadata=metadata))
+        return RequestStream(self, request_id, queue)
+
+    def _release(self, request_id: str, finished: bool) -> None:
+        """A stream is closed: forget it, and abort its request in the core if it had not finished."""
+        self._streams.pop(request_id, None)
+        if not finished:
+            self._abort(request_id)
+
+    def _submit(self, request: EngineRequest) -> None:
+        with self._cond:
+            self._inbox.new.append(request)
+            self._inbox.num_submitted += 1
+            self._num_submitted += 1
+            self._cond.notify()
+
+    def _abort(self, request_id: str) -> None:
+        if self._timings.pop(request_id, None) is None:
+            return
+        self._output_processor.abort(request_id)
+        self.metrics.observe_finished("abort")
+        with self._cond:
+            self._inbox.aborts.append(request_id)
+            self._cond.notify()
+
+    def _fail(self, request_id: str, err: BaseException) -> None:
+        """End one request with an error raised from its `generate` iterator."""
+        self._timings.pop(request_id, None)
+        self._output_processor.abort(request_id)
+        queue = self._streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(err)
+
+    # ---- engine thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._step_once():
+                pass
+        except BaseException as err:  # noqa: BLE001 - whatever killed the step loop ends every request
+            logger.exception("engine core failed; no further requests can be served")
+            self._loop.call_soon_threadsafe(self._on_engine_dead, err)
+
+    def _step_once(self) -> bool:
+        with self._cond:
+            inbox = self._inbox
+            while not (inbox.new or inbox.aborts or inbox.stopping or self.core.has_unfinished_requests()):
+                self._cond.wait()
+            new, inbox.new = inbox.new, []
+            aborts, inbox.aborts = inbox.aborts, []
+            num_drained, stopping = inbox.num_submitted, inbox.stopping
+        rejected = []
+        for request in new:
+            try:
+                self.core.add_request(request)
+            except ValueError as err:
+                rejected.append((request.request_id, err))
+        # After the adds: an abort may name a request that arrived in this same drain.
+        if aborts:
+            self.core.abort_requests(aborts)
+        if stopping:
+            return False
+        outputs = self.core.step() if self.core.has_unfinished_requests() else []
+        self._loop.call_soon_threadsafe(self._on_step, outputs, self.core.stats(), rejected, num_drained)
+        return True
+
+    # ---- event loop side of a step ---------------------------------------------------------------
+
+    def _on_step(self, outputs: list[EngineCoreOutput], stats: SchedulerStats,
+                 rejected: list[tuple[str, ValueError]], num_drained: int) -> None:
+        self._stats, self._num_drained = stats, num_drained
+        self.metrics.observe_stats(stats)
+        for request_id, err in rejected:
+            self._fail(request_id, bad_request(str(err)))
+        results, to_abort = self._output_processor.process(outputs)
+        if to_abort:
+            with self._cond:
+                self._inbox.aborts.extend(to_abort)
+                self._cond.notify()
+        now = time.monotonic()
+        for out in results:
+            self._observe_latency(out, now)
+            queue = self._streams.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _observe_latency(self, out: RequestOutput, now: float) -> None:
+        timing = self._timings.get(out.request_id)
+        if timing is None:
+            return
+        if timing.last_token is None:
+            self.metrics.time_to_first_token.observe(now - timing.arrival)
+        else:
+            self.metrics.inter_token_latency.observe(now - timing.last_token)
+        timing.last_token = now
+        if out.finished:
+            del self._timings[out.request_id]
+            self.metrics.e2e_request_latency.observe(now - timing.arrival)
+            self.metrics.observe_finished(out.outputs[0].finish_reason or "stop")
+
+    def _on_engine_dead(self, err: BaseException) -> None:
+        self.error = err
+        for request_id in list(self._streams):
+            self._fail(request_id, EngineDeadError(f"the engine failed: {err!r}"))
+
+
+
+class RequestStream:
+    """One request's cumulative outputs, the last one `finished`.
+
+    `close()` before the end (a client that went away) aborts the request in the core, which frees
+    its KV blocks; callers close it in a `finally`.
+    """
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._queue = queue
+        self._done = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        # Outputs are cumulative: a consumer that fell behind only needs the newest one.
+        while not self._queue.empty() and not isinstance(item, BaseException):
+            item = self._queue.get_nowait()
+        if isinstance(item, BaseException):
+            self.close(finished=True)
+            raise item
+        if item.finished:
+            self.close(finished=True)
+        return item
+
+    def close(self, finished: bool = False) -> None:
+        if not self._done:
+            self._done = True
+            self._engine._release(self.request_id, finished)

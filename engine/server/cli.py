@@ -1,0 +1,73 @@
+"""`tierkv serve`: load the model, start the engine thread, serve HTTP until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import uvicorn
+from fastapi import FastAPI
+
+from engine.server.args import ConfigError, ServeConfig, parse_serve_args
+
+logger = logging.getLogger(__name__)
+
+
+def build_server(config: ServeConfig) -> FastAPI:
+    """Load the model (the slow part: before the port opens) and build the app that serves it."""
+    from engine.core.engine_core import EngineCore
+    from engine.models.loader import load_tokenizer
+
+    core = EngineCore(config.engine)
+    return serve_core(core, load_tokenizer(core.model_config), config)
+
+
+def serve_core(core, tokenizer, config: ServeConfig) -> FastAPI:
+    """The app serving an already loaded `EngineCore`; its engine thread starts with the app."""
+    from engine.server.app import build_app
+    from engine.server.async_engine import AsyncEngine
+    from engine.server.metrics import ServerMetrics
+
+    names = config.served_model_names or (core.model_config.name,)
+    engine = AsyncEngine(core, tokenizer, ServerMetrics(names[0]), config.max_waiting_requests)
+    return build_app(engine, names, core.model_config.path, config.api_key)
+
+
+def uvicorn_config(app: FastAPI, config: ServeConfig) -> uvicorn.Config:
+    """uvicorn settings: graceful shutdown lets in-flight requests finish for `shutdown_timeout` s."""
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                          timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on")
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `tierkv serve ...`; returns the process exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    try:
+        config = parse_serve_args(argv)
+    except ConfigError as err:
+        print(f"tierkv serve: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        app = build_server(config)
+    except (ValueError, OSError) as err:
+        print(f"tierkv serve: cannot start the engine: {err}", file=sys.stderr)
+        return 1
+    server = uvicorn.Server(uvicorn_config(app, config))
+    # uvicorn handles SIGINT/SIGTERM itself (stop accepting, drain, shut down) and then re-raises the
+    # signal to whatever handler was there before; a no-op one makes a graceful stop exit with 0.
+    previous = {sig: signal.signal(sig, _shutdown_done) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if server.started else 1
+
+
+def _shutdown_done(signum: int, frame) -> None:
+    logger.info("shut down after %s", signal.Signals(signum).name)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

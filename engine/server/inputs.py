@@ -1,0 +1,94 @@
+"""From an OpenAI request to what the engine takes: prompt token ids and SamplingParams.
+
+Everything a client can get wrong is checked here, before the response starts, so that a bad
+streaming request still gets its 400 rather than a broken event stream.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from engine.sampling.params import SamplingParams
+from engine.server.errors import bad_request
+from engine.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+_PARAM_NAME = re.compile(r"[a-z_]+")
+
+
+@dataclass
+class EngineInput:
+    """One request as the engine sees it."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metadata: dict | None
+
+
+def completion_input(req: CompletionRequest, tokenizer, max_model_len: int, vocab_size: int) -> EngineInput:
+    """Tokenize a completion prompt (as the offline `LLM.generate` does) and check it fits."""
+    prompt = req.single_prompt()
+    if isinstance(prompt, str):
+        text, token_ids = prompt, tokenizer.encode(prompt, add_special_tokens=True)
+    else:
+        text, token_ids = None, list(prompt)
+        bad = [t for t in token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise bad_request(f"prompt token ids must lie in [0, {vocab_size}); got {bad[0]}.", param="prompt")
+    max_tokens = _fit_max_tokens(len(token_ids), req.max_tokens, max_model_len, "max_tokens")
+    return EngineInput(text, token_ids, sampling_params(req, max_tokens, req.logprobs), _metadata(req))
+
+
+def chat_input(req: ChatCompletionRequest, tokenizer, max_model_len: int) -> EngineInput:
+    """Apply the model's chat template (as the offline `LLM.chat` does) and check the result fits."""
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message, tokenize=True)
+    except Exception as err:  # noqa: BLE001 - a template may raise anything on a conversation it rejects
+        raise bad_request(f"The chat template rejected the messages: {err}", param="messages") from None
+    token_ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = _fit_max_tokens(len(token_ids), req.requested_max_tokens(), max_model_len, param)
+    return EngineInput(None, token_ids, sampling_params(req, max_tokens, req.num_logprobs()), _metadata(req))
+
+
+def _fit_max_tokens(num_prompt: int, max_tokens: int | None, max_model_len: int, param: str) -> int:
+    """The output budget: as asked (it must fit the context) or, unset, whatever room is left."""
+    if max_tokens is not None and max_tokens < 1:
+        raise bad_request(f"{param} must be at least 1, got {max_tokens}.", param=param)
+    requested = num_prompt + (max_tokens or 1)
+    if requested > max_model_len:
+        completion = f"{max_tokens} in the completion" if max_tokens is not None else "at least 1 in the completion"
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{requested} tokens ({num_prompt} in the prompt, {completion}). "
+            "Please reduce the length of the prompt or completion.",
+            param=param if max_tokens is not None else "messages", code="context_length_exceeded")
+    return max_tokens if max_tokens is not None else max_model_len - num_prompt
+
+
+def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """SamplingParams for the request; a value out of range is a 400 naming the parameter."""
+    given = {
+        "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
+        "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty,
+    }
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+            **{name: value for name, value in given.items() if value is not None})
+    except ValueError as err:
+        message = str(err)
+        match = _PARAM_NAME.match(message)
+        raise bad_request(message[0].upper() + message[1:] + ".", param=match.group(0) if match else None) from None
+
+
+def _metadata(req: SamplingFields) -> dict | None:
+    """Caller facts the KV-offloading policy may use (issue 4: the OpenAI `user` field)."""
+    return {"user": req.user} if req.user is not None else None
