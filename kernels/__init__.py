@@ -1,7 +1,8 @@
 """Compute kernels of the engine: each op has a plain-PyTorch reference and a Triton kernel.
 
 The functions exported here dispatch on the device of their first tensor: CUDA tensors run the
-Triton kernel, anything else runs the reference. Signatures are in the engine contract.
+Triton kernel (``kernels/<op>_triton.py``, imported on first CUDA use, so the CPU path never needs
+triton), anything else runs the reference. Signatures are in the engine contract.
 Import the reference modules by their full name (``from kernels.rms_norm import rms_norm_ref``);
 ``kernels.rms_norm`` and ``kernels.paged_attention`` as attributes are the dispatchers.
 """
@@ -27,22 +28,39 @@ __all__ = [
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
     """RMSNorm of ``x`` [T, H]; with ``residual`` returns ``(rms_norm(x + residual), x + residual)``."""
+    if x.is_cuda:
+        from kernels.rms_norm_triton import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
 
 
 def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
     """Rotate ``q`` [T, Hq, D] and ``k`` [T, Hk, D] by ``positions``; returns ``(q_out, k_out)``."""
+    if q.is_cuda:
+        from kernels.rotary_triton import rotary_embedding_triton
+
+        return rotary_embedding_triton(positions, q, k, cos_sin_cache)
     return rotary_embedding_ref(positions, q, k, cos_sin_cache)
 
 
 def silu_and_mul(x: Tensor) -> Tensor:
     """``silu(x[:, :I]) * x[:, I:]`` for ``x`` [T, 2*I]."""
+    if x.is_cuda:
+        from kernels.activation_triton import silu_and_mul_triton
+
+        return silu_and_mul_triton(x)
     return silu_and_mul_ref(x)
 
 
 def write_kv(k: Tensor, v: Tensor, kv_cache: Tensor, layer: int, slot_mapping: Tensor) -> None:
     """Write ``k``/``v`` [T, Hk, D] of ``layer`` into the cache at ``slot_mapping`` (negative = skip)."""
-    write_kv_ref(k, v, kv_cache, layer, slot_mapping)
+    if kv_cache.is_cuda:
+        from kernels.kv_cache_ops_triton import write_kv_triton
+
+        write_kv_triton(k, v, kv_cache, layer, slot_mapping)
+    else:
+        write_kv_ref(k, v, kv_cache, layer, slot_mapping)
 
 
 def paged_attention(
@@ -57,16 +75,28 @@ def paged_attention(
     scale: float,
 ) -> Tensor:
     """Causal paged attention for prefill chunks and decodes in one call; returns [T, Hq, D]."""
-    return paged_attention_ref(
-        q, kv_cache, layer, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale
-    )
+    args = (q, kv_cache, layer, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale)
+    if q.is_cuda:
+        from kernels.paged_attention_triton import paged_attention_triton
+
+        return paged_attention_triton(*args)
+    return paged_attention_ref(*args)
 
 
 def gather_blocks(kv_cache: Tensor, block_ids: Tensor) -> Tensor:
     """Pack blocks ``block_ids`` into a new [n, L, 2, bs, Hk, D] tensor."""
+    if kv_cache.is_cuda:
+        from kernels.kv_cache_ops_triton import gather_blocks_triton
+
+        return gather_blocks_triton(kv_cache, block_ids)
     return gather_blocks_ref(kv_cache, block_ids)
 
 
 def scatter_blocks(kv_cache: Tensor, block_ids: Tensor, src: Tensor) -> None:
     """Copy ``src`` [n, L, 2, bs, Hk, D] into blocks ``block_ids`` of the cache."""
-    scatter_blocks_ref(kv_cache, block_ids, src)
+    if kv_cache.is_cuda:
+        from kernels.kv_cache_ops_triton import scatter_blocks_triton
+
+        scatter_blocks_triton(kv_cache, block_ids, src)
+    else:
+        scatter_blocks_ref(kv_cache, block_ids, src)

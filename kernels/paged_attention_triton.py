@@ -1,0 +1,156 @@
+"""Paged attention: the Triton kernel. One launch serves prefill chunks and decodes.
+
+Grid: (query tile, kv head). A program takes BLOCK_Q consecutive new tokens of one sequence and
+all G query heads that share one KV head (GQA packing: BLOCK_M = BLOCK_Q * G rows), so each K/V
+tile read from the cache feeds G heads. The flattened query-tile index maps to its sequence by
+binary search over ``query_start_loc`` — the grid depends only on the token and sequence counts,
+never on a value that would need a host read. Keys are walked in tiles of TILE_N positions whose
+pages come from the block table (any block size), with an online softmax in fp32.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_sequence(qsl_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
+    """Largest b with ``query_start_loc[b] // BLOCK_Q + b <= tile`` (sequence b's first tile index)."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        if first_tile <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
+    layer, num_seqs, qk_scale, block_size, head_dim,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_cb, stride_cl, stride_ckv, stride_co, stride_ch,
+    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
+    DIM: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_sequence(qsl_ptr, num_seqs, tile, BLOCK_Q)
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    q_tile = tile - (q_start // BLOCK_Q + seq)
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context = seq_len - q_len
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
+    rows = tl.arange(0, BLOCK_M)
+    token = q_tile * BLOCK_Q + rows // GROUP_P2  # index among this sequence's new tokens
+    head = kv_head * GROUP + rows % GROUP_P2
+    row_ok = (token < q_len) & (rows % GROUP_P2 < GROUP)
+    q_pos = context + token
+    dims = tl.arange(0, DIM)
+    dim_ok = dims < head_dim
+
+    q_rows = (q_start + token).to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DIM], dtype=tl.float32)
+
+    # Keys beyond the tile's last query position are masked for every row: stop there.
+    last_token = tl.minimum(q_len, (q_tile + 1) * BLOCK_Q)
+    num_keys = tl.minimum(seq_len, context + last_token)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    layer_base = cache_ptr + layer * stride_cl + kv_head * stride_ch
+    for start in range(0, num_keys, TILE_N):
+        pos = start + tl.arange(0, TILE_N)
+        pos_ok = pos < num_keys
+        page = tl.load(table + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
+        slot = page * stride_cb + (pos % block_size) * stride_co
+        kv_mask = pos_ok[:, None] & dim_ok[None, :]
+        k = tl.load(layer_base + slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(layer_base + stride_ckv + slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+
+        if IEEE_DOT:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
+        s = tl.where(visible, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p_in = p.to(v.dtype)
+        if IEEE_DOT:
+            pv = tl.dot(p_in.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p_in, v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_rows = (q_start + token).to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(out_ptr + o_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+
+
+def _ieee_dot(dtype: torch.dtype) -> bool:
+    """fp32 inputs get exact fp32 products (not TF32), to match the fp32 reference and HF.
+
+    Triton's CPU interpreter multiplies bf16 tiles as raw integers, so there bf16 operands are
+    widened to fp32 first (exact; the GPU's bf16 MMA also accumulates in fp32).
+    """
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton.knobs.runtime.interpret)
+
+
+def _tile_sizes(max_query_len: int, group_p2: int) -> tuple[int, int]:
+    """(BLOCK_Q, TILE_N): decodes use the smallest tile tl.dot allows (16 rows), prefill 64 rows."""
+    rows = 16 if max_query_len <= 1 else 64
+    return max(1, rows // group_p2), 32 if max_query_len <= 1 else 64
+
+
+def paged_attention_triton(
+    q: Tensor,
+    kv_cache: Tensor,
+    layer: int,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+) -> Tensor:
+    """Same contract as ``kernels.paged_attention.paged_attention_ref``."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[4]
+    group = num_heads // num_kv_heads
+    group_p2 = triton.next_power_of_2(group)
+    block_q, tile_n = _tile_sizes(max_query_len, group_p2)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0:
+        return out
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    _paged_attention_kernel[grid](
+        q, kv_cache, out, block_tables, seq_lens, query_start_loc,
+        layer, num_seqs, scale * _LOG2E, kv_cache.shape[3], head_dim,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
+        GROUP=group, GROUP_P2=group_p2, BLOCK_Q=block_q, TILE_N=tile_n,
+        DIM=max(16, triton.next_power_of_2(head_dim)), IEEE_DOT=_ieee_dot(q.dtype),
+        num_warps=4, num_stages=2,
+    )
+    return out
