@@ -79,8 +79,12 @@ class RedisTierConfig(_Strict):
 
     @field_validator("bytes", mode="before")
     @classmethod
-    def _size(cls, value: Any) -> int | None:
-        return None if value is None else parse_bytes(value)
+    def _server_budget(cls, value: Any) -> None:
+        # Redis enforces its own budget far better than a client could (it sees every writer).
+        if value is not None:
+            raise ValueError("a Redis byte budget is set on the server: maxmemory with maxmemory-policy "
+                             "allkeys-lru (keys it evicts are misses); leave bytes null here")
+        return None
 
     @field_validator("url")
     @classmethod

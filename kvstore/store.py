@@ -140,7 +140,8 @@ class TieredStore:
         expires_at = time.time() + ttl_s if ttl_s is not None else None
         sealed = [(key, SealedBlock.seal(payload, expires_at)) for key, payload in blocks]
         stored = False
-        for t in targets:
+        # Slowest tier first, so blocks a faster tier evicts are already below and not written twice.
+        for t in reversed(targets):
             stored |= self._put_into(namespace, t, sealed)
         return len(sealed) if stored else 0
 
@@ -226,7 +227,7 @@ class TieredStore:
                 tier_metrics.DEMOTIONS.labels(tier.name).inc(len(missing))
 
     def _promote(self, namespace: str, found_in: int, hits: list[tuple[bytes, SealedBlock]]) -> None:
-        for t in range(found_in):
+        for t in range(found_in - 1, -1, -1):
             if self._put_into(namespace, t, hits):
                 tier_metrics.PROMOTIONS.labels(self._tiers[t].name).inc(len(hits))
 
