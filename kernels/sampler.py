@@ -1,11 +1,15 @@
-"""Token choice from (already penalised and filtered) logits: greedy or seeded Gumbel-max.
+"""The sampler's GPU work: penalties on logits, and token choice by greedy or seeded Gumbel-max.
+
+Penalties (``apply_penalties``): repetition as HF/vLLM (a token seen in the prompt or output
+has a positive logit divided by the penalty, a negative one multiplied), then presence and
+frequency as OpenAI (``- frequency * count - presence * (count > 0)`` over the output).
 
 Randomness is counter-based: the uniform noise of token ``t`` in a row is a pure function
 ``hash(seed, output_pos, t)`` computed with 32-bit integer arithmetic, so a seeded request
 draws the same token alone or in any batch, and the torch reference and the Triton kernel
 produce bit-identical noise bits (no ``torch.Generator`` state, no host synchronisation).
 
-Sampling is Gumbel-max: ``argmax(logits / T - log(-log(u)))`` draws from ``softmax(logits / T)``;
+Sampling is Gumbel-max: ``argmax(logits * (1/T) - log(-log(u)))`` draws from ``softmax(logits / T)``;
 tokens filtered out (top-k/top-p/min-p) carry ``-inf`` and are never chosen. Rows with
 ``T < 1e-5`` are greedy: ``argmax(logits)``, first index on ties (as ``torch.argmax`` and HF).
 """
@@ -67,6 +71,120 @@ def uniform_noise(seeds: torch.Tensor, output_pos: torch.Tensor, vocab_size: int
     return (bits.to(torch.float32) + 0.5) * _NOISE_SCALE
 
 
+def apply_penalties_reference(
+    logits: torch.Tensor,
+    output_token_counts: torch.Tensor,
+    prompt_token_mask: torch.Tensor | None,
+    repetition_penalty: torch.Tensor,
+    presence_penalty: torch.Tensor,
+    frequency_penalty: torch.Tensor,
+) -> torch.Tensor:
+    """Torch reference: penalised copy of [B, V] float32 logits (see module docstring)."""
+    seen_in_output = output_token_counts > 0
+    if prompt_token_mask is not None:
+        penalty = repetition_penalty[:, None]
+        repeated = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen_in_output | prompt_token_mask, repeated, logits)
+    return (
+        logits
+        - frequency_penalty[:, None] * output_token_counts.float()
+        - presence_penalty[:, None] * seen_in_output.float()
+    )
+
+
+@triton.jit
+def _penalty_kernel(
+    logits_ptr,
+    counts_ptr,
+    prompt_mask_ptr,
+    repetition_ptr,
+    presence_ptr,
+    frequency_ptr,
+    out_ptr,
+    vocab_size,
+    HAS_PROMPT_MASK: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_vocab = offs < vocab_size
+    row_offs = row.to(tl.int64) * vocab_size + offs
+    x = tl.load(logits_ptr + row_offs, mask=in_vocab, other=0.0)
+    counts = tl.load(counts_ptr + row_offs, mask=in_vocab, other=0)
+    seen_in_output = counts > 0
+    if HAS_PROMPT_MASK:
+        penalty = tl.load(repetition_ptr + row)
+        in_prompt = tl.load(prompt_mask_ptr + row_offs, mask=in_vocab, other=0) != 0
+        repeated = tl.where(x > 0, tl.math.div_rn(x, penalty), x * penalty)
+        x = tl.where(seen_in_output | in_prompt, repeated, x)
+    x = x - tl.load(frequency_ptr + row) * counts.to(tl.float32)
+    x = x - tl.load(presence_ptr + row) * seen_in_output.to(tl.float32)
+    tl.store(out_ptr + row_offs, x, mask=in_vocab)
+
+
+def apply_penalties_triton(
+    logits: torch.Tensor,
+    output_token_counts: torch.Tensor,
+    prompt_token_mask: torch.Tensor | None,
+    repetition_penalty: torch.Tensor,
+    presence_penalty: torch.Tensor,
+    frequency_penalty: torch.Tensor,
+    block_v: int = 2048,
+) -> torch.Tensor:
+    """Triton kernel with the same signature and result as :func:`apply_penalties_reference`."""
+    batch, vocab_size = logits.shape
+    logits = logits.float().contiguous()
+    out = torch.empty_like(logits)
+    if batch == 0:
+        return out
+    has_prompt_mask = prompt_token_mask is not None
+    prompt_mask = prompt_token_mask.contiguous().view(torch.uint8) if has_prompt_mask else logits
+    _penalty_kernel[(batch, triton.cdiv(vocab_size, block_v))](
+        logits,
+        output_token_counts.int().contiguous(),
+        prompt_mask,
+        repetition_penalty.float().contiguous(),
+        presence_penalty.float().contiguous(),
+        frequency_penalty.float().contiguous(),
+        out,
+        vocab_size,
+        HAS_PROMPT_MASK=has_prompt_mask,
+        BLOCK_V=block_v,
+        enable_fp_fusion=False,  # separate rounding of multiply and subtract, as in torch
+    )
+    return out
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    output_token_counts: torch.Tensor,
+    prompt_token_mask: torch.Tensor | None,
+    repetition_penalty: torch.Tensor,
+    presence_penalty: torch.Tensor,
+    frequency_penalty: torch.Tensor,
+) -> torch.Tensor:
+    """Penalised copy of the logits: Triton for CUDA tensors, the torch reference otherwise.
+
+    Args:
+        logits: [B, V] float32.
+        output_token_counts: [B, V] int32 occurrences of each token in the output so far.
+        prompt_token_mask: [B, V] bool, token occurs in the prompt; None skips the
+            repetition penalty (all rows have penalty 1).
+        repetition_penalty, presence_penalty, frequency_penalty: [B] float32.
+    """
+    args = (
+        logits,
+        output_token_counts,
+        prompt_token_mask,
+        repetition_penalty,
+        presence_penalty,
+        frequency_penalty,
+    )
+    if logits.is_cuda:
+        return apply_penalties_triton(*args)
+    return apply_penalties_reference(*args)
+
+
 def sample_tokens_reference(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -75,9 +193,9 @@ def sample_tokens_reference(
 ) -> torch.Tensor:
     """Torch reference: [B] int64 token ids from [B, V] float32 logits (see module docstring)."""
     greedy = (temperature < GREEDY_TEMPERATURE)[:, None]
-    temp = torch.where(greedy, 1.0, temperature[:, None].float())
+    inv_temp = 1.0 / torch.where(greedy, 1.0, temperature[:, None].float())
     gumbel = -torch.log(-torch.log(uniform_noise(seeds, output_pos, logits.shape[1])))
-    scores = torch.where(greedy, logits, logits / temp + gumbel)
+    scores = torch.where(greedy, logits, logits * inv_temp + gumbel)
     return scores.argmax(dim=-1)
 
 
@@ -97,18 +215,22 @@ def _sample_kernel(
     temperature_ptr,
     seeds_ptr,
     output_pos_ptr,
-    out_ptr,
+    chunk_max_ptr,
+    chunk_idx_ptr,
     vocab_size,
+    num_chunks,
     BLOCK_V: tl.constexpr,
 ):
-    # One program per row; the running (max, index) over vocabulary chunks keeps the
-    # first index on ties because a later chunk must be strictly greater to win.
+    # Program (row, chunk) scores one vocabulary chunk and writes its best (value, index);
+    # splitting rows over chunks keeps every SM busy even at batch 1.
     row = tl.program_id(0)
+    chunk = tl.program_id(1)
     temperature = tl.load(temperature_ptr + row)
     seed = tl.load(seeds_ptr + row)
     pos = tl.load(output_pos_ptr + row)
     greedy = temperature < 1e-5
-    temp = tl.where(greedy, 1.0, temperature)
+    # One correctly rounded reciprocal per row; the per-token multiply is exact-rounded too.
+    inv_temp = tl.math.div_rn(1.0, tl.where(greedy, 1.0, temperature))
 
     # uint32 arithmetic wraps mod 2^32, matching the reference's masked int64 math.
     lo = seed.to(tl.uint32)
@@ -117,24 +239,18 @@ def _sample_kernel(
     key = _fmix32_tl(key ^ lo)
     key = _fmix32_tl(key ^ pos.to(tl.uint32))
 
-    best_val = -float("inf")
-    best_idx = 0
-    row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
-    for start in range(0, vocab_size, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        in_vocab = offs < vocab_size
-        x = tl.load(row_ptr + offs, mask=in_vocab, other=-float("inf"))
-        h = _fmix32_tl(offs.to(tl.uint32) ^ key)
-        h = _fmix32_tl(h + key)
-        u = ((h >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-        gumbel = -tl.log(-tl.log(u))
-        scores = tl.where(greedy, x, tl.math.div_rn(x, temp) + gumbel)
-        scores = tl.where(in_vocab, scores, -float("inf"))
-        chunk_val, chunk_idx = tl.max(scores, axis=0, return_indices=True)
-        take = chunk_val > best_val
-        best_val = tl.where(take, chunk_val, best_val)
-        best_idx = tl.where(take, start + chunk_idx, best_idx)
-    tl.store(out_ptr + row, best_idx.to(tl.int64))
+    offs = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_vocab = offs < vocab_size
+    x = tl.load(logits_ptr + row.to(tl.int64) * logits_stride + offs, mask=in_vocab, other=0.0)
+    h = _fmix32_tl(offs.to(tl.uint32) ^ key)
+    h = _fmix32_tl(h + key)
+    u = ((h >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    gumbel = -tl.log(-tl.log(u))
+    scores = tl.where(greedy, x, x * inv_temp + gumbel)
+    scores = tl.where(in_vocab, scores, -float("inf"))
+    best, best_idx = tl.max(scores, axis=0, return_indices=True)
+    tl.store(chunk_max_ptr + row * num_chunks + chunk, best)
+    tl.store(chunk_idx_ptr + row * num_chunks + chunk, chunk * BLOCK_V + best_idx.to(tl.int64))
 
 
 def sample_tokens_triton(
@@ -142,27 +258,34 @@ def sample_tokens_triton(
     temperature: torch.Tensor,
     seeds: torch.Tensor,
     output_pos: torch.Tensor,
-    block_v: int = 1024,
+    block_v: int = 4096,
 ) -> torch.Tensor:
     """Triton kernel with the same signature and result as :func:`sample_tokens_reference`."""
     batch, vocab_size = logits.shape
-    out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     if batch == 0:
-        return out
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
     logits = logits.float()
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    _sample_kernel[(batch,)](
+    num_chunks = triton.cdiv(vocab_size, block_v)
+    chunk_max = torch.empty(batch, num_chunks, dtype=torch.float32, device=logits.device)
+    chunk_idx = torch.empty(batch, num_chunks, dtype=torch.int64, device=logits.device)
+    _sample_kernel[(batch, num_chunks)](
         logits,
         logits.stride(0),
         temperature.float().contiguous(),
         seeds.long().contiguous(),
         output_pos.long().contiguous(),
-        out,
+        chunk_max,
+        chunk_idx,
         vocab_size,
+        num_chunks,
         BLOCK_V=block_v,
+        enable_fp_fusion=False,
     )
-    return out
+    # argmax keeps the first chunk on ties, and each chunk kept its first index.
+    best_chunk = chunk_max.argmax(dim=1, keepdim=True)
+    return chunk_idx.gather(1, best_chunk).squeeze(1)
 
 
 def sample_tokens(

@@ -12,15 +12,21 @@ from dataclasses import dataclass
 import torch
 
 from engine.sampling.params import GREEDY_TEMPERATURE, SamplingParams
+from kernels.sampler import apply_penalties as penalise
 from kernels.sampler import sample_tokens
+
+_MAX_TOPK_CANDIDATES = 4096
 
 
 @dataclass
 class SamplingBatch:
     """Per-row sampling state of one step, one row per sequence sampled.
 
-    ``uses_top_k_top_p`` lets the sampler skip the vocabulary sort when no row filters by
-    rank or mass; it defaults to True (always correct) and ``build`` clears it when possible.
+    The trailing flags let the sampler skip work without reading tensors back (a host
+    synchronisation): ``uses_min_p`` / ``uses_top_k_top_p`` say whether any row filters
+    that way; ``max_top_k`` > 0 promises that every row filtering by rank or mass has
+    ``0 < top_k <= max_top_k``, so only the ``max_top_k`` best tokens need sorting.
+    The defaults are always correct; ``build`` sets them from the parameters.
     """
 
     temperature: torch.Tensor  # [B] float32
@@ -35,7 +41,9 @@ class SamplingBatch:
     output_token_counts: torch.Tensor | None  # [B, V] int32; None = no penalties in the batch
     prompt_token_mask: torch.Tensor | None  # [B, V] bool; None = no repetition penalty
     max_num_logprobs: int  # 0 = none requested
+    uses_min_p: bool = True
     uses_top_k_top_p: bool = True
+    max_top_k: int = 0
 
     @staticmethod
     def build(
@@ -80,7 +88,9 @@ class SamplingBatch:
                 token_counts(prompt_ids, vocab_size, device) > 0 if repetition else None
             ),
             max_num_logprobs=max((p.logprobs or 0 for p in params), default=0),
+            uses_min_p=any(p > 0.0 for p in min_p),
             uses_top_k_top_p=any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p),
+            max_top_k=_candidate_count(top_k, top_p, vocab_size),
         )
 
 
@@ -107,7 +117,7 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         penalised = apply_penalties(logits, batch)
         keep = filter_mask(penalised, batch)
-        filtered = penalised.masked_fill(~keep, float("-inf"))
+        filtered = penalised if keep is None else penalised.masked_fill(~keep, float("-inf"))
         token_ids = sample_tokens(filtered, batch.temperature, batch.seeds, batch.output_pos)
         sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
         topk_ids = topk_logprobs = None
@@ -117,57 +127,73 @@ class Sampler:
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Repetition penalty (HF/vLLM), then presence and frequency penalties (OpenAI).
+    """Repetition, presence and frequency penalties (see :mod:`kernels.sampler`).
 
-    Repetition: a token seen in the prompt or output has a positive logit divided by the
-    penalty and a negative one multiplied by it. Frequency/presence: the logit drops by
-    ``frequency * count + presence * (count > 0)`` over the output so far.
+    Returns ``logits`` itself when the batch has no penalties.
     """
-    counts = batch.output_token_counts
-    if counts is None:
+    if batch.output_token_counts is None:
         return logits
-    seen_in_output = counts > 0
-    if batch.prompt_token_mask is not None:
-        penalty = batch.repetition_penalty[:, None]
-        seen = seen_in_output | batch.prompt_token_mask
-        repeated = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits = torch.where(seen, repeated, logits)
-    return (
-        logits
-        - batch.frequency_penalty[:, None] * counts.float()
-        - batch.presence_penalty[:, None] * seen_in_output.float()
+    return penalise(
+        logits,
+        batch.output_token_counts,
+        batch.prompt_token_mask,
+        batch.repetition_penalty,
+        batch.presence_penalty,
+        batch.frequency_penalty,
     )
 
 
-def filter_mask(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def filter_mask(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor | None:
     """[B, V] bool: tokens that survive min-p, top-k and top-p at each row's temperature.
 
-    The row's best token always survives. Top-k keeps every token tied with the k-th;
-    top-p keeps the smallest prefix of the sorted tokens whose mass reaches p.
+    None when no row filters. The row's best token always survives. Top-k keeps every
+    token tied with the k-th; top-p keeps the smallest prefix of the tokens, best first,
+    whose mass reaches p.
     """
+    if not (batch.uses_min_p or batch.uses_top_k_top_p):
+        return None
     greedy = batch.temperature < GREEDY_TEMPERATURE
     temperature = torch.where(greedy, 1.0, batch.temperature)[:, None]
     scaled = logits / temperature
-    # min-p: p_i >= min_p * p_max  <=>  exp(s_i - s_max) >= min_p.
-    max_scaled = scaled.max(dim=-1, keepdim=True).values
-    keep = torch.exp(scaled - max_scaled) >= batch.min_p[:, None]
+    keep = torch.ones_like(scaled, dtype=torch.bool)
+    if batch.uses_min_p:
+        # p_i >= min_p * p_max  <=>  exp(s_i - s_max) >= min_p.
+        max_scaled = scaled.max(dim=-1, keepdim=True).values
+        keep = torch.exp(scaled - max_scaled) >= batch.min_p[:, None]
+        scaled = scaled.masked_fill(~keep, float("-inf"))
     if batch.uses_top_k_top_p:
-        keep &= _top_k_top_p_mask(scaled.masked_fill(~keep, float("-inf")), batch)
+        keep &= _top_k_top_p_mask(scaled, batch)
     return keep | greedy[:, None]
 
 
 def _top_k_top_p_mask(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     vocab_size = scaled.shape[1]
-    sorted_scaled, order = scaled.sort(dim=-1, descending=True)
-    k = torch.where(batch.top_k > 0, batch.top_k, vocab_size).clamp(max=vocab_size).long()
-    kth_value = sorted_scaled.gather(1, (k - 1)[:, None])
-    keep_sorted = sorted_scaled >= kth_value
-    probs = torch.softmax(sorted_scaled.masked_fill(~keep_sorted, float("-inf")), dim=-1)
+    if batch.max_top_k > 0:
+        # Every filtering row keeps at most max_top_k tokens: rank only those candidates.
+        candidates, order = scaled.topk(batch.max_top_k, dim=-1)
+    else:
+        candidates, order = scaled.sort(dim=-1, descending=True)
+    k = torch.where(batch.top_k > 0, batch.top_k, vocab_size).clamp(max=candidates.shape[1])
+    kth_value = candidates.gather(1, (k.long() - 1)[:, None])
+    keep_sorted = candidates >= kth_value
+    probs = torch.softmax(candidates.masked_fill(~keep_sorted, float("-inf")), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     # top_p == 1 keeps everything even where rounding pushes the running sum to 1.
     top_p = batch.top_p[:, None]
     keep_sorted &= (mass_before < top_p) | (top_p >= 1.0)
-    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    keep = torch.zeros_like(scaled, dtype=torch.bool).scatter(1, order, keep_sorted)
+    unfiltered = ((batch.top_k <= 0) & (batch.top_p >= 1.0))[:, None]
+    return keep | unfiltered
+
+
+def _candidate_count(top_k: list[int], top_p: list[float], vocab_size: int) -> int:
+    """max_top_k for ``SamplingBatch``: 0 unless top-k bounds every rank/mass-filtering row."""
+    filtering = [(k, p) for k, p in zip(top_k, top_p) if k > 0 or p < 1.0]
+    if not filtering or any(k <= 0 for k, _ in filtering):
+        return 0
+    largest = max(k for k, _ in filtering)
+    # Beyond a few thousand candidates a partial top-k is no cheaper than a full sort.
+    return largest if largest <= min(_MAX_TOPK_CANDIDATES, vocab_size) else 0
 
 
 def token_counts(

@@ -55,7 +55,9 @@ def test_dispatcher_uses_the_reference_on_cpu():
 # environment must be set before kernels.sampler is first imported.
 INTERPRETER_SCRIPT = """
 import json, torch
-from kernels.sampler import sample_tokens_reference, sample_tokens_triton
+from kernels.sampler import (
+    apply_penalties_reference, apply_penalties_triton, sample_tokens_reference, sample_tokens_triton,
+)
 
 g = torch.Generator().manual_seed(0)
 rows, vocab = 24, 300
@@ -70,15 +72,26 @@ seeds = torch.randint(-2**62, 2**62, (rows,), generator=g)
 seeds[7] = seeds[8]                        # same seed, different position
 output_pos = torch.randint(0, 2**40, (rows,), generator=g)
 results = {}
-for block_v in (64, 128):
+for block_v in (128, 512):
     results[block_v] = sample_tokens_triton(logits, temperature, seeds, output_pos, block_v).tolist()
 results["reference"] = sample_tokens_reference(logits, temperature, seeds, output_pos).tolist()
 results["argmax"] = logits.argmax(dim=-1).tolist()
+
+counts = torch.randint(0, 3, (rows, vocab), generator=g, dtype=torch.int32)
+prompt_mask = torch.rand(rows, vocab, generator=g) < 0.2
+repetition = torch.rand(rows, generator=g) + 0.5
+presence = torch.rand(rows, generator=g) * 4 - 2
+frequency = torch.rand(rows, generator=g) * 4 - 2
+for mask in (prompt_mask, None):
+    args = (logits, counts, mask, repetition, presence, frequency)
+    expected = apply_penalties_reference(*args)
+    got = apply_penalties_triton(*args, block_v=128)
+    results.setdefault("penalties_equal", []).append(torch.equal(got, expected))
 print(json.dumps(results))
 """
 
 
-def test_triton_kernel_matches_reference_under_interpreter():
+def test_triton_kernels_match_references_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.run(
         [sys.executable, "-c", INTERPRETER_SCRIPT],
@@ -91,8 +104,9 @@ def test_triton_kernel_matches_reference_under_interpreter():
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     reference = results["reference"]
-    assert results["64"] == reference
     assert results["128"] == reference
+    assert results["512"] == reference
     assert [reference[i] for i in (0, 4, 5, 6)] == [results["argmax"][i] for i in (0, 4, 5, 6)]
     assert reference[4] == 0 and reference[5] == 17
     assert not 10 <= reference[3] < 200
+    assert results["penalties_equal"] == [True, True]

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -54,7 +56,8 @@ def test_tiny_top_p_is_greedy():
 
 def test_min_p_keeps_exactly_the_tokens_above_the_threshold():
     logits = torch.log(torch.tensor([[0.4, 0.3, 0.19, 0.11]]))
-    for min_p, expected in [(0.0, 4), (0.3, 3), (0.5, 2), (0.8, 1), (1.0, 1)]:
+    assert filter_mask(logits, build([SamplingParams(min_p=0.0)], vocab=4)) is None
+    for min_p, expected in [(0.3, 3), (0.5, 2), (0.8, 1), (1.0, 1)]:
         batch = build([SamplingParams(min_p=min_p)], vocab=4)
         keep = filter_mask(logits, batch)
         assert keep[0].tolist() == [True] * expected + [False] * (4 - expected), min_p
@@ -79,6 +82,28 @@ def test_top_k_and_top_p_keep_the_expected_sets():
     ]
     for params, expected in cases:
         assert filter_mask(logits, build([params], vocab=5))[0].tolist() == expected, params
+
+
+def test_top_k_candidates_give_the_same_mask_as_a_full_sort():
+    logits = random_logits(5)
+    params = [
+        SamplingParams(top_k=3),
+        SamplingParams(top_k=7, top_p=0.5, temperature=0.7),
+        SamplingParams(),
+        SamplingParams(top_k=2, min_p=0.1),
+        SamplingParams(temperature=0, top_k=5),
+    ]
+    batch = build(params)
+    assert batch.max_top_k == 7 and batch.uses_top_k_top_p and batch.uses_min_p
+    full_sort = filter_mask(logits, dataclasses.replace(batch, max_top_k=0))
+    assert torch.equal(filter_mask(logits, batch), full_sort)
+    assert full_sort.sum(dim=1).tolist()[::2] == [3, VOCAB, VOCAB]
+
+
+def test_top_p_without_top_k_needs_the_full_sort():
+    batch = build([SamplingParams(top_k=3), SamplingParams(top_p=0.9)])
+    assert batch.max_top_k == 0
+    assert build([SamplingParams(top_k=VOCAB + 1)]).max_top_k == 0
 
 
 def test_samples_stay_inside_the_filtered_set():
