@@ -19,7 +19,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _find_sequence(qsl_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
     """Largest b with ``query_start_loc[b] // BLOCK_Q + b <= tile`` (sequence b's first tile index)."""
-    lo = 0
+    lo: tl.int32 = 0
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
