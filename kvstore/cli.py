@@ -14,6 +14,17 @@ from kvstore.config import ConfigError, StoreConfig, load_store_config, parse_by
 
 log = logging.getLogger("kvstore")
 
+# botocore's DEBUG output prints signed request headers (the S3 access key id) and urllib3 prints
+# URLs: the daemon keeps them at WARNING whatever --log-level says, so credentials never reach logs.
+_CREDENTIAL_LEAKING_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "redis")
+
+
+def configure_logging(level: str) -> None:
+    """Root logging at `level`, with third-party loggers that can print credentials held at WARNING."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in _CREDENTIAL_LEAKING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
 
 def _load_config(path: str | None) -> StoreConfig:
     return load_store_config(path) if path else StoreConfig()
@@ -91,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     if getattr(args, "blocks", 1) < 1 or getattr(args, "batch", 1) < 1:
         print("kvstore: --blocks and --batch must be at least 1", file=sys.stderr)
         return 2

@@ -60,7 +60,7 @@ class Limits:
 
     def check_block_count(self, count: int) -> None:
         if count > self.max_keys_per_call:
-            raise LimitError(f"blocks: more than {self.max_keys_per_call} blocks in one call")
+            raise LimitError(f"blocks: {count} blocks in one call, the limit (max_keys_per_call) is {self.max_keys_per_call}")
 
     def check_block_size(self, size: int, index: int) -> None:
         if size > self.max_message_bytes:
