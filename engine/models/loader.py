@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -28,7 +29,8 @@ def load_model(cfg: ModelConfig, device: torch.device) -> CausalLM:
     with torch.device("meta"):
         model = build_model(cfg)
     model = model.to(dtype=cfg.dtype).to_empty(device=device)
-    tensors = _gguf_tensors(cfg) if cfg.is_gguf else _safetensors_tensors(cfg)
+    layout_names = list(model.checkpoint_layout())
+    tensors = _gguf_tensors(cfg, layout_names) if cfg.is_gguf else _safetensors_tensors(cfg)
     _fill_parameters(model, tensors)
     model.build_rotary_cache()
     return model.eval()
@@ -75,19 +77,32 @@ def _safetensors_tensors(cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]
                     bar.update(1)
 
 
-def _gguf_tensors(cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_tensors(cfg: ModelConfig, hf_names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """GGUF tensors dequantized, renamed to HF names and un-permuted by transformers (its own progress bar)."""
-    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     raw = read_gguf_metadata(cfg.path)["config"]
-    hf_config = CONFIG_MAPPING[raw["model_type"]].from_dict({k: v for k, v in raw.items() if not k.startswith("_")})
-    # transformers maps GGUF names to HF names through a model's state_dict; a meta model costs nothing.
-    with torch.device("meta"):
-        names_model = AutoModelForCausalLM.from_config(hf_config)
-    checkpoint = load_gguf_checkpoint(cfg.path, return_tensors=True, model_to_load=names_model,
-                                      torch_dtype=cfg.dtype)
+    names = _HFNames(raw["model_type"], cfg.num_layers, hf_names)
+    checkpoint = load_gguf_checkpoint(cfg.path, return_tensors=True, model_to_load=names, torch_dtype=cfg.dtype)
     yield from checkpoint["tensors"].items()
+
+
+class _HFNames:
+    """The part of an HF model that transformers' GGUF renaming reads: config and state_dict names.
+
+    Passing a real (meta) HF model instead makes transformers rebuild gguf's name table once per
+    submodule — hundreds of times, tens of seconds for SmolLM2 — to find names the top level already has.
+    """
+
+    def __init__(self, model_type: str, num_layers: int, names: list[str]) -> None:
+        self.config = SimpleNamespace(model_type=model_type, num_hidden_layers=num_layers)
+        self._names = names
+
+    def state_dict(self) -> dict[str, None]:
+        return dict.fromkeys(self._names)
+
+    def named_children(self) -> list:
+        return []
 
 
 def load_tokenizer(cfg: ModelConfig):
