@@ -10,6 +10,7 @@ Import the reference modules by their full name (``from kernels.rms_norm import 
 from torch import Tensor
 
 from kernels.activation import silu_and_mul_ref
+from kernels.input_prep import StepTensors, prepare_inputs_ref
 from kernels.kv_cache_ops import gather_blocks_ref, scatter_blocks_ref, write_kv_ref
 from kernels.paged_attention import paged_attention_ref
 from kernels.rms_norm import rms_norm_ref
@@ -18,6 +19,7 @@ from kernels.rotary import rotary_embedding_ref
 __all__ = [
     "gather_blocks",
     "paged_attention",
+    "prepare_inputs",
     "rms_norm",
     "rotary_embedding",
     "scatter_blocks",
@@ -100,3 +102,23 @@ def scatter_blocks(kv_cache: Tensor, block_ids: Tensor, src: Tensor) -> None:
         scatter_blocks_triton(kv_cache, block_ids, src)
     else:
         scatter_blocks_ref(kv_cache, block_ids, src)
+
+
+def prepare_inputs(
+    block_tables: Tensor,
+    num_computed_tokens: Tensor,
+    token_ids: Tensor,
+    req_indices: Tensor,
+    num_scheduled_tokens: Tensor,
+    block_size: int,
+    num_tokens: int,
+    num_tokens_padded: int | None = None,
+) -> StepTensors:
+    """A step's input ids, positions, slot mapping, query offsets and lengths from device-side state."""
+    args = (block_tables, num_computed_tokens, token_ids, req_indices, num_scheduled_tokens, block_size,
+            num_tokens, num_tokens_padded)
+    if token_ids.is_cuda:
+        from kernels.input_prep_triton import prepare_inputs_triton
+
+        return prepare_inputs_triton(*args)
+    return prepare_inputs_ref(*args)
