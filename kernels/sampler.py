@@ -258,7 +258,7 @@ def sample_tokens_triton(
     temperature: torch.Tensor,
     seeds: torch.Tensor,
     output_pos: torch.Tensor,
-    block_v: int = 4096,
+    block_v: int = 2048,
 ) -> torch.Tensor:
     """Triton kernel with the same signature and result as :func:`sample_tokens_reference`."""
     batch, vocab_size = logits.shape

@@ -8,6 +8,7 @@ tensors back. The final token choice is :func:`kernels.sampler.sample_tokens` (T
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
@@ -201,18 +202,15 @@ def token_counts(
 ) -> torch.Tensor:
     """[B, V] int32 occurrences of each token id in each row's list."""
     counts = torch.zeros(len(token_ids), vocab_size, dtype=torch.int32, device=device)
-    width = max((len(ids) for ids in token_ids), default=0)
-    if width == 0:
+    # One flat host-to-device copy instead of a padded [B, max_len] matrix.
+    flat = torch.tensor(list(chain.from_iterable(token_ids)), dtype=torch.int64)
+    if flat.numel() == 0:
         return counts
-    padded = torch.tensor(
-        [ids + [0] * (width - len(ids)) for ids in token_ids], dtype=torch.int64, device=device
-    )
-    present = torch.tensor(
-        [[1] * len(ids) + [0] * (width - len(ids)) for ids in token_ids],
-        dtype=torch.int32,
-        device=device,
-    )
-    return counts.scatter_add_(1, padded, present)
+    lengths = torch.tensor([len(ids) for ids in token_ids])
+    rows = torch.repeat_interleave(torch.arange(len(token_ids)), lengths)
+    index = (rows * vocab_size + flat).to(device)
+    ones = torch.ones(flat.numel(), dtype=torch.int32, device=device)
+    return counts.view(-1).index_add_(0, index, ones).view(len(token_ids), vocab_size)
 
 
 def _to_int64(seed: int) -> int:
