@@ -8,6 +8,8 @@ never on a value that would need a host read. Keys are walked in tiles of TILE_N
 pages come from the block table (any block size), with an online softmax in fp32.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -111,13 +113,22 @@ def _ieee_dot(dtype: torch.dtype) -> bool:
     Triton's CPU interpreter multiplies bf16 tiles as raw integers, so there bf16 operands are
     widened to fp32 first (exact; the GPU's bf16 MMA also accumulates in fp32).
     """
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton.knobs.runtime.interpret)
+    interpreted = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreted)
 
 
-def _tile_sizes(max_query_len: int, group_p2: int) -> tuple[int, int]:
-    """(BLOCK_Q, TILE_N): decodes use the smallest tile tl.dot allows (16 rows), prefill 64 rows."""
-    rows = 16 if max_query_len <= 1 else 64
-    return max(1, rows // group_p2), 32 if max_query_len <= 1 else 64
+def _tile_sizes(max_query_len: int, group_p2: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_Q, TILE_N): decodes use the smallest tile tl.dot allows (16 rows), prefill 64 rows.
+
+    fp32 tiles are twice the bytes: prefill stays at 32x32 so Q, K and V stages fit in shared memory.
+    """
+    if max_query_len <= 1:
+        rows, tile_n = 16, 32
+    elif dtype == torch.float32:
+        rows, tile_n = 32, 32
+    else:
+        rows, tile_n = 64, 64
+    return max(1, rows // group_p2), tile_n
 
 
 def paged_attention_triton(
@@ -136,7 +147,7 @@ def paged_attention_triton(
     num_kv_heads = kv_cache.shape[4]
     group = num_heads // num_kv_heads
     group_p2 = triton.next_power_of_2(group)
-    block_q, tile_n = _tile_sizes(max_query_len, group_p2)
+    block_q, tile_n = _tile_sizes(max_query_len, group_p2, q.dtype)
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
