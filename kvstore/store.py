@@ -104,7 +104,7 @@ class TieredStore:
             for i, block in zip(pending, blocks):
                 if block is None:
                     still.append(i)
-                elif block.expired(now) or (getattr(tier, "verify_reads", True) and not block.intact()):
+                elif block.expired(now) or (tier.verify_reads and not block.intact()):
                     if not block.expired(now):
                         tier_metrics.CORRUPT.labels(tier.name).inc()
                         log.warning("block failed its checksum in tier %s (namespace %s); deleted", tier.name, namespace)

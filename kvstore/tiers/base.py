@@ -35,6 +35,8 @@ class Tier(ABC):
     """One storage level. Implementations are thread-safe."""
 
     name: str
+    # Whether the store checks checksums of blocks read from this tier (memory may opt out).
+    verify_reads: bool = True
 
     @abstractmethod
     def get(self, namespace: str, keys: Sequence[bytes]) -> list[SealedBlock | None]:
