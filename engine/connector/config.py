@@ -1,0 +1,109 @@
+"""`--kv-transfer-config`: vLLM's JSON shape, validated once at start-up.
+
+```json
+{"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+ "kv_connector_extra_config": {"spec_name": "TieringOffloadingSpec", "cpu_bytes_to_use": 10000000000,
+   "block_size": 256, "kvstore_url": "grpc://host:50051",
+   "secondary_tiers": [{"type": "redis", "url": "redis://host:6379/0"}, {"type": "obj", ...}],
+   "policy": {"name": "save_all"}}}
+```
+No `kvstore_url`: the same tiers run in-process (the embedded store).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from kvstore.config import ConfigError, TierConfig, parse_bytes, parse_tiers
+
+CONNECTOR_NAMES = ("OffloadingConnector", "TierKVConnector")
+SPEC_NAMES = ("TieringOffloadingSpec", "CPUOffloadingSpec")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class OffloadConfig(_Strict):
+    """`kv_connector_extra_config`: where offloaded KV blocks go and who decides."""
+
+    spec_name: Literal[SPEC_NAMES] = "TieringOffloadingSpec"
+    cpu_bytes_to_use: Annotated[int, Field(ge=0)] = 4 * 2**30
+    block_size: Annotated[int, Field(ge=1)] = 256
+    kvstore_url: str | None = None
+    auth_token: SecretStr | None = None
+    auth_token_env: str | None = None
+    secondary_tiers: list[dict[str, Any]] = Field(default_factory=list)
+    policy: dict[str, Any] = Field(default_factory=lambda: {"name": "save_all"})
+    max_pending_saves: Annotated[int, Field(ge=1)] = 64
+    load_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+
+    @field_validator("cpu_bytes_to_use", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_bytes(value)
+
+    @field_validator("kvstore_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("grpc://", "grpcs://")):
+            raise ValueError("expected grpc://host:port or grpcs://host:port")
+        return value
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if ("name" in value) == ("class" in value):
+            raise ValueError('expected exactly one of "name" (a built-in policy) or "class" ("pkg.module:Name")')
+        return value
+
+    def tiers(self) -> list[TierConfig]:
+        """The embedded store's tiers: CPU memory first, then the secondary tiers in order."""
+        memory = [{"type": "memory", "bytes": self.cpu_bytes_to_use}] if self.cpu_bytes_to_use else []
+        return parse_tiers(memory + list(self.secondary_tiers))
+
+
+class KVTransferConfig(_Strict):
+    """The whole `--kv-transfer-config` object."""
+
+    kv_connector: Literal[CONNECTOR_NAMES]
+    kv_role: Literal["kv_both", "kv_producer", "kv_consumer"] = "kv_both"
+    kv_connector_extra_config: OffloadConfig = Field(default_factory=OffloadConfig)
+
+    @property
+    def offload(self) -> OffloadConfig:
+        return self.kv_connector_extra_config
+
+    @property
+    def can_save(self) -> bool:
+        return self.kv_role in ("kv_both", "kv_producer")
+
+    @property
+    def can_load(self) -> bool:
+        return self.kv_role in ("kv_both", "kv_consumer")
+
+
+def parse_kv_transfer_config(value: str | dict) -> KVTransferConfig:
+    """Parse and validate; a ConfigError names the offending key (never echoes a secret)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"kv_transfer_config: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise ConfigError("kv_transfer_config: expected a JSON object")
+    try:
+        cfg = KVTransferConfig.model_validate(value)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ConfigError(f"kv_transfer_config.{where}: {msg}") from None
+    try:
+        parse_tiers(cfg.offload.secondary_tiers)
+    except ConfigError as e:
+        raise ConfigError(f"kv_transfer_config.kv_connector_extra_config.secondary_tiers: {e}") from None
+    return cfg

@@ -1,0 +1,142 @@
+"""The per-request offloading policy: `on_new_request(info) -> Decision`.
+
+A policy decides, for each new request, whether its prefix is looked up and loaded from the
+store, whether its KV is saved, to which tiers, for how long, and whether the final partial
+block is saved too. Built-ins are chosen by name; a user's own class loads from
+`{"class": "package.module:Name", ...kwargs}` (see docs/policies.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from kvstore.config import ConfigError
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What a policy knows about a request when it arrives."""
+
+    request_id: str
+    prompt_len: int
+    gpu_hit_tokens: int          # tokens the engine's own GPU prefix cache already holds
+    priority: int
+    model: str
+    metadata: dict[str, Any] = field(default_factory=dict)  # caller data: OpenAI `user`, headers, ...
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one request's KV. `tiers=None` lets the store write through its first tier
+    only (the rest is write-back on eviction); a list names every tier to write through."""
+
+    load: bool = True
+    save: bool = True
+    tiers: list[str] | None = None
+    ttl_s: float | None = None
+    save_partial_block: bool = False
+
+
+@runtime_checkable
+class OffloadPolicy(Protocol):
+    def on_new_request(self, info: RequestInfo) -> Decision: ...
+
+
+class SaveAll:
+    """Load and save every request, through the store's default tiers."""
+
+    def __init__(self, ttl_s: float | None = None, save_partial_block: bool = False) -> None:
+        self.decision = Decision(ttl_s=ttl_s, save_partial_block=save_partial_block)
+
+    def on_new_request(self, info: RequestInfo) -> Decision:
+        return self.decision
+
+
+class MinPromptTokens:
+    """Save only prompts of at least `min_tokens` tokens (short ones are cheap to recompute);
+    every request may still load."""
+
+    def __init__(self, min_tokens: int, ttl_s: float | None = None) -> None:
+        if not isinstance(min_tokens, int) or min_tokens < 0:
+            raise ConfigError("policy.min_tokens: expected an integer >= 0")
+        self.min_tokens = min_tokens
+        self.ttl_s = ttl_s
+
+    def on_new_request(self, info: RequestInfo) -> Decision:
+        return Decision(save=info.prompt_len >= self.min_tokens, ttl_s=self.ttl_s)
+
+
+class TierByLength:
+    """Short or low-priority prompts stay in memory; long or high-priority ones are written
+    through to every tier so other replicas (and restarts) find them.
+
+    `rules` is a list of {"min_tokens": N, "tiers": [...], "ttl_s": ...}; the rule with the
+    largest `min_tokens` not above the prompt length wins. A request whose `priority` is at
+    least `high_priority` takes the last rule.
+    """
+
+    def __init__(self, rules: list[dict[str, Any]], high_priority: int | None = None) -> None:
+        if not rules:
+            raise ConfigError("policy.rules: expected a non-empty list")
+        parsed = []
+        for i, rule in enumerate(rules):
+            unknown = set(rule) - {"min_tokens", "tiers", "ttl_s"}
+            if unknown:
+                raise ConfigError(f"policy.rules.{i}: unknown key {sorted(unknown)[0]!r}")
+            if not isinstance(rule.get("min_tokens"), int) or not isinstance(rule.get("tiers"), list):
+                raise ConfigError(f"policy.rules.{i}: expected min_tokens (int) and tiers (list of tier names)")
+            parsed.append((rule["min_tokens"], list(rule["tiers"]), rule.get("ttl_s")))
+        self.rules = sorted(parsed, key=lambda r: r[0])
+        self.high_priority = high_priority
+
+    def on_new_request(self, info: RequestInfo) -> Decision:
+        if self.high_priority is not None and info.priority >= self.high_priority:
+            chosen = self.rules[-1]
+        else:
+            fitting = [r for r in self.rules if r[0] <= info.prompt_len]
+            if not fitting:
+                return Decision(save=False)
+            chosen = fitting[-1]
+        return Decision(tiers=chosen[1], ttl_s=chosen[2])
+
+
+BUILTIN_POLICIES = {"save_all": SaveAll, "min_prompt_tokens": MinPromptTokens, "tier_by_length": TierByLength}
+
+
+def load_policy(spec: dict[str, Any]) -> OffloadPolicy:
+    """Build the policy named by `{"name": ...}` or `{"class": "pkg.mod:Name"}` plus its arguments."""
+    args = {k: v for k, v in spec.items() if k not in ("name", "class")}
+    if "name" in spec:
+        cls = BUILTIN_POLICIES.get(spec["name"])
+        if cls is None:
+            raise ConfigError(f"policy.name: unknown policy {spec['name']!r}; "
+                              f"built-ins: {', '.join(BUILTIN_POLICIES)}")
+        where = f"policy {spec['name']!r}"
+    else:
+        cls = _import_class(spec["class"])
+        where = f"policy class {spec['class']!r}"
+    try:
+        inspect.signature(cls).bind(**args)
+    except TypeError as e:
+        raise ConfigError(f"policy: bad arguments for {where}: {e}") from None
+    policy = cls(**args)
+    if not callable(getattr(policy, "on_new_request", None)):
+        raise ConfigError(f"policy.class: {where} has no on_new_request(info) method")
+    return policy
+
+
+def _import_class(path: str):
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"policy.class: expected 'package.module:Name', got {path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"policy.class: cannot import module {module_name!r} ({e})") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"policy.class: module {module_name!r} has no {attr!r}") from None
