@@ -37,10 +37,11 @@ def _wait_until(ready: Callable[[], bool], what: str, timeout_s: float = 10.0) -
     raise RuntimeError(f"{what} did not come up within {timeout_s} s")
 
 
-def start_redis(maxmemory: str | None = None, maxmemory_policy: str = "allkeys-lru"):
+def start_redis(maxmemory: str | None = None, maxmemory_policy: str = "allkeys-lru", unix_socket: bool = False):
     """Start a private redis-server; returns (url, stop_fn, restart_fn).
 
-    No persistence: a restart comes back empty, like a Redis that lost its data.
+    No persistence: a restart comes back empty, like a Redis that lost its data. With
+    `unix_socket`, the URL is `unix:///...` (the server still listens on a free TCP port too).
     """
     binary = shutil.which("redis-server")
     if binary is None:
@@ -52,6 +53,9 @@ def start_redis(maxmemory: str | None = None, maxmemory_policy: str = "allkeys-l
     if maxmemory:
         args += ["--maxmemory", maxmemory, "--maxmemory-policy", maxmemory_policy]
     url = f"redis://127.0.0.1:{port}/0"
+    if unix_socket:
+        args += ["--unixsocket", f"{workdir}/redis.sock", "--unixsocketperm", "700"]
+        url = f"unix://{workdir}/redis.sock?db=0"
     process: list[subprocess.Popen] = []
 
     def ping() -> bool:

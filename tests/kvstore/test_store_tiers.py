@@ -7,7 +7,6 @@ import pytest
 import redis
 
 from fixtures_services import obj_tier, s3_client
-from kvstore import tier_metrics
 from kvstore.store import LookupResult, TieredStore, TierUsage
 
 NS = "5f3a9c"
@@ -123,5 +122,18 @@ def test_redis_evictions_are_misses(s3_bucket):
             assert evicted, "Redis should have evicted some blocks under maxmemory 3mb"
             assert all(value == payload(i, 256 * KIB) for i, value in enumerate(got) if value is not None)
             assert store.lookup(NS, [key(i) for i in range(24)]).num_hits == evicted[0]
+    finally:
+        stop()
+
+
+def test_redis_over_unix_socket():
+    from fixtures_services import start_redis
+
+    url, stop, _ = start_redis(unix_socket=True)
+    try:
+        with TieredStore([{"type": "redis", "url": url}]) as store:
+            assert store.put(NS, [(key(1), payload(1))]) == 1
+            assert store.get(NS, [key(1), key(2)]) == [payload(1), None]
+            assert store.health() == {"redis": True}
     finally:
         stop()
