@@ -90,7 +90,7 @@ def test_redis_outage_serves_from_memory_and_s3_then_recovers(own_redis, s3_buck
         stop()
         started = time.perf_counter()
         assert store.get(NS, [key(0), key(1), key(2)]) == [payload(0), payload(1), None]
-        assert time.perf_counter() - started < 1.0  # a refused connect, not a timeout
+        assert time.perf_counter() - started < 1.5  # a refused connect, not timeouts and retries
         assert metric("kvstore_tier_errors_total", tier="redis", op="get") == errors_before + 1
         assert store.health() == {"memory": True, "redis": False, "obj": True}
         assert metric("kvstore_tier_up", tier="redis") == 0
