@@ -90,6 +90,29 @@ def bench_tier(store, mode: str, tier: str, block_bytes: int, blocks: int, batch
     )
 
 
+def bench_grpc_baseline(block_sizes: list[int], blocks: int, batch: int) -> list[BenchResult]:
+    """Raw gRPC over loopback moving the same calls of bytes (see kvstore/grpc_baseline.py)."""
+    from kvstore.grpc_baseline import RawGrpcLoopback
+
+    results = []
+    with RawGrpcLoopback() as raw:
+        for size in block_sizes:
+            _progress(f"raw gRPC baseline: {blocks} blocks of {size >> 10} KiB ...")
+            payload = os.urandom(size)
+            calls = [min(batch, blocks - i) for i in range(0, blocks, batch)]
+            put_lat, put_total, _ = _timed_calls([lambda n=n: raw.put([payload] * n) for n in calls])
+            get_lat, get_total, got = _timed_calls([lambda n=n: raw.get(n * size) for n in calls])
+            volume = size * blocks / 1e9
+            results.append(BenchResult(
+                mode="raw-grpc", tier="-", block_bytes=size, blocks=blocks, batch=batch,
+                put_gbps=volume / put_total, put_p50_ms=_percentile(put_lat, 50) * 1e3,
+                put_p99_ms=_percentile(put_lat, 99) * 1e3, get_gbps=volume / get_total,
+                get_p50_ms=_percentile(get_lat, 50) * 1e3, get_p99_ms=_percentile(get_lat, 99) * 1e3,
+                bad_blocks=sum(n * size != received for n, received in zip(calls, got)),
+            ))
+    return results
+
+
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

@@ -59,6 +59,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             results = bench.bench_daemon(client, block_sizes, args.blocks, args.batch)
     else:
         results = bench.bench_in_process(_load_config(args.config), block_sizes, args.blocks, args.batch)
+    if args.baseline:
+        results += bench.bench_grpc_baseline(block_sizes, args.blocks, args.batch)
     print(bench.format_table(results))
     if args.json:
         with open(args.json, "w") as out:
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--block-sizes", default="256KiB,1MiB,2MiB,4MiB,8MiB", help="comma-separated sizes")
     bench.add_argument("--blocks", type=int, default=32, help="blocks per tier and size")
     bench.add_argument("--batch", type=int, default=4, help="blocks per put/get call")
+    bench.add_argument("--baseline", action="store_true",
+                       help="also measure raw gRPC streaming of the same bytes on loopback (the daemon's ceiling)")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(run=cmd_bench)
 

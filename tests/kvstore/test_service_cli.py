@@ -6,12 +6,14 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import yaml
 
 from fixtures_services import free_port, obj_tier
 from kvstore.cli import main
 from kvstore.client import KVStoreClient
+from kvstore.config import load_store_config
 from service_daemon import NS, key, payload, running_daemon
 
 
@@ -81,3 +83,9 @@ def test_bench_against_a_daemon(tmp_path, capsys, s3_bucket):
     assert [(r["mode"], r["tier"], r["blocks"], r["bad_blocks"]) for r in rows] == [
         ("daemon", "memory", 3, 0), ("daemon", "obj", 3, 0)]
     assert "| daemon | obj | 256 KiB | 3 x 1 |" in capsys.readouterr().out
+
+
+def test_example_deploy_config_is_valid():
+    cfg = load_store_config(Path(__file__).resolve().parents[2] / "deploy" / "kvstore.yaml")
+    assert ([t.tier_name for t in cfg.tiers], cfg.listen, cfg.auth_token_env) == (
+        ["memory", "redis", "obj"], "127.0.0.1:50051", "KVSTORE_TOKEN")
