@@ -61,11 +61,12 @@ def test_bench_in_process_each_tier(tmp_path, capsys, redis_url):
                                                 {"type": "redis", "url": redis_url, "key_prefix": "bench:"}]}))
     out = tmp_path / "bench.json"
     assert main(["bench", "--config", str(config), "--block-sizes", "4KiB,1MiB", "--blocks", "4",
-                 "--batch", "2", "--json", str(out)]) == 0
+                 "--batch", "2", "--baseline", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [(r["mode"], r["tier"], r["block_bytes"], r["bad_blocks"]) for r in rows] == [
         ("in-process", "memory", 4096, 0), ("in-process", "memory", 1 << 20, 0),
-        ("in-process", "redis", 4096, 0), ("in-process", "redis", 1 << 20, 0)]
+        ("in-process", "redis", 4096, 0), ("in-process", "redis", 1 << 20, 0),
+        ("raw-grpc", "-", 4096, 0), ("raw-grpc", "-", 1 << 20, 0)]
     assert all(r["put_gbps"] > 0 and r["get_p99_ms"] >= r["get_p50_ms"] > 0 for r in rows)
     assert "| in-process | redis | 1 MiB | 4 x 2 |" in capsys.readouterr().out
 
