@@ -14,19 +14,27 @@ from torch import Tensor
 def _gather_context(
     kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor, max_seq_len: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """K and V [B, Lmax, Hk, D] (fp32) of each sequence's positions, plus the valid-key mask [B, Lmax]."""
-    block_size = kv_cache.shape[3]
-    num_table_cols = block_tables.shape[1]
-    pos = torch.arange(max_seq_len, device=kv_cache.device)
-    valid = pos[None, :] < seq_lens[:, None].long()
-    cols = torch.div(pos, block_size, rounding_mode="floor").clamp(max=num_table_cols - 1)
-    blocks = block_tables.long()[:, cols]
+    """K and V [B, Hk, Lmax, D] (fp32) of each sequence's positions, plus the valid-key mask [B, Lmax].
+
+    Whole pages are gathered (one contiguous [bs, Hk, D] chunk each), not single slots: per-slot
+    advanced indexing costs several times more on CPU, and so would a permuting copy.
+    """
+    num_seqs = block_tables.shape[0]
+    _, _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    num_pages = -(-max_seq_len // block_size)
+    pages_used = torch.div(seq_lens.long() + block_size - 1, block_size, rounding_mode="floor")
     # Table entries past a sequence's end may be padding (any value): point them at block 0.
-    blocks = torch.where(valid, blocks, torch.zeros_like(blocks))
-    offsets = (pos % block_size)[None, :].expand_as(blocks)
-    k = kv_cache[blocks, layer, 0, offsets].float()
-    v = kv_cache[blocks, layer, 1, offsets].float()
-    return k, v, valid
+    cols = torch.arange(num_pages, device=kv_cache.device)
+    tables = torch.where(cols[None, :] < pages_used[:, None], block_tables[:, :num_pages].long(), 0)
+    flat = tables.flatten()
+
+    def gather(kv: int) -> Tensor:
+        pages = kv_cache[:, layer, kv].index_select(0, flat)  # [B * P, bs, Hk, D], contiguous
+        context = pages.view(num_seqs, num_pages * block_size, num_kv_heads, head_dim)[:, :max_seq_len]
+        return context.float().transpose(1, 2)  # a view: matmul/SDPA take the strides as they are
+
+    valid = torch.arange(max_seq_len, device=kv_cache.device)[None, :] < seq_lens[:, None].long()
+    return gather(0), gather(1), valid
 
 
 def _attend_group(
@@ -54,12 +62,7 @@ def _attend_group(
     kpos = torch.arange(max_seq_len, device=q.device)
     mask = (kpos[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]
     out = F.scaled_dot_product_attention(
-        q_pad,
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=mask[:, None, :, :],
-        scale=scale,
-        enable_gqa=True,
+        q_pad, k, v, attn_mask=mask[:, None, :, :], scale=scale, enable_gqa=True
     )
     out = out.transpose(1, 2)  # [B, Qmax, Hq, D]
     return out[q_valid], rows[q_valid]
