@@ -5,7 +5,6 @@ Everything the engine cannot serve is refused here, at load, with a message that
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import json
@@ -16,6 +15,7 @@ from typing import Any
 
 import torch
 
+from engine.models.gguf_metadata import gguf_hf_config, read_gguf_header
 from engine.models.registry import (
     GGUF_MODEL_TYPES,
     UnsupportedModelError,
@@ -140,7 +140,7 @@ def load_model_config(model: str | None, dtype: str = "auto") -> ModelConfig:
     """Read and validate the config of `model` (see resolve_model_path); refuse what we cannot serve."""
     path = resolve_model_path(model)
     if path.endswith(".gguf"):
-        raw = dict(read_gguf_metadata(path)["config"])
+        raw = gguf_hf_config(read_gguf_header(path))
         raw.setdefault("architectures", [GGUF_MODEL_TYPES.get(raw.get("model_type"), str(raw.get("model_type")))])
         name = os.path.basename(path).removesuffix(".gguf")
         weight_files = [path]
@@ -233,19 +233,3 @@ def weights_revision(path: str, weight_files: list[str]) -> str:
                 f.seek(max(size - _REVISION_PROBE_BYTES, _REVISION_PROBE_BYTES))
                 digest.update(f.read())
     return digest.hexdigest()
-
-
-def read_gguf_metadata(path: str) -> dict:
-    """GGUF metadata parsed by transformers (config, tokenizer, tokenizer_config); cached per file version.
-
-    Parsing takes seconds (the vocabulary arrays), and config, tokenizer and loader all need it.
-    """
-    stat = os.stat(path)
-    return _read_gguf_metadata(path, stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4)
-def _read_gguf_metadata(path: str, size: int, mtime_ns: int) -> dict:
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    return load_gguf_checkpoint(path, return_tensors=False)

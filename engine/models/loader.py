@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from engine.models.config import ModelConfig, read_gguf_metadata, safetensors_files
+from engine.models.config import ModelConfig, safetensors_files
+from engine.models.gguf_metadata import read_gguf_header
 from engine.models.llama import CausalLM
 from engine.models.registry import build_model
 
@@ -81,8 +82,8 @@ def _gguf_tensors(cfg: ModelConfig, hf_names: list[str]) -> Iterator[tuple[str, 
     """GGUF tensors dequantized, renamed to HF names and un-permuted by transformers (its own progress bar)."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    raw = read_gguf_metadata(cfg.path)["config"]
-    names = _HFNames(raw["model_type"], cfg.num_layers, hf_names)
+    model_type = read_gguf_header(cfg.path).metadata["general.architecture"]
+    names = _HFNames(model_type, cfg.num_layers, hf_names)
     checkpoint = load_gguf_checkpoint(cfg.path, return_tensors=True, model_to_load=names, torch_dtype=cfg.dtype)
     yield from checkpoint["tensors"].items()
 
@@ -112,7 +113,7 @@ def load_tokenizer(cfg: ModelConfig):
     if cfg.is_gguf:
         tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(cfg.path), gguf_file=os.path.basename(cfg.path))
         if tokenizer.chat_template is None:
-            tokenizer.chat_template = read_gguf_metadata(cfg.path)["tokenizer_config"].get("chat_template")
+            tokenizer.chat_template = read_gguf_header(cfg.path).metadata.get("tokenizer.chat_template")
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.path)
     if tokenizer.chat_template is None:

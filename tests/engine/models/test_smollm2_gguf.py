@@ -53,6 +53,10 @@ def test_logits_match_hf_and_greedy_answers_paris(smollm2):
     prompt = _prompt_ids(tokenizer)
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(cfg.path), gguf_file=os.path.basename(cfg.path),
                                               dtype=torch.float32).eval()
+    for ours, theirs in [("num_layers", "num_hidden_layers"), ("num_kv_heads", "num_key_value_heads"),
+                         ("rms_norm_eps", "rms_norm_eps"), ("vocab_size", "vocab_size"),
+                         ("max_position_embeddings", "max_position_embeddings"), ("head_dim", "head_dim")]:
+        assert getattr(cfg, ours) == getattr(hf.config, theirs)
     kv_cache = torch.zeros(8, cfg.num_layers, 2, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
     table = [6, 1, 4, 3]
     logits = _step(model, kv_cache, prompt, 0, table)
