@@ -31,7 +31,7 @@ def _gather_context(
     def gather(kv: int) -> Tensor:
         pages = kv_cache[:, layer, kv].index_select(0, flat)  # [B * P, bs, Hk, D], contiguous
         context = pages.view(num_seqs, num_pages * block_size, num_kv_heads, head_dim)[:, :max_seq_len]
-        return context.float().transpose(1, 2)  # a view: matmul/SDPA take the strides as they are
+        return context.float().transpose(1, 2)  # a view: SDPA takes the strides as they are
 
     valid = torch.arange(max_seq_len, device=kv_cache.device)[None, :] < seq_lens[:, None].long()
     return gather(0), gather(1), valid
