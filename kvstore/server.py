@@ -193,7 +193,7 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
           port: int | None = None, metrics_port: int | None = None, workers: int = DEFAULT_WORKERS) -> ServerHandle:
     """Start the daemon described by `cfg`; `host`/`port`/`metrics_port` override the config (port 0 = any)."""
     cfg_host, _, cfg_port = cfg.listen.rpartition(":")
-    host = host or cfg_host or "127.0.0.1"
+    host = host or cfg_host.strip("[]") or "127.0.0.1"
     port = int(cfg_port) if port is None else port
     metrics_port = cfg.metrics_port if metrics_port is None else metrics_port
     token = token_from_env(cfg.auth_token_env)

@@ -90,7 +90,7 @@ def test_put_naming_an_unknown_tier_or_bad_ttl_is_invalid_argument():
             client.put(NS, [(key(1), b"v")], ttl_s=-1.0)
 
 
-def test_oversized_block_and_oversized_message(caplog):
+def test_oversized_block_and_oversized_message():
     with running_daemon(max_message_bytes="1MiB") as (_, url), KVStoreClient(url, retry=ONCE) as client:
         with pytest.raises(KVStoreError) as info:
             client.put(NS, [(key(1), payload(1, 2 << 20))])
