@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig
+from engine.connector.config import parse_kv_transfer_config
+from engine.connector.connector import OffloadingConnector
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.request import EngineRequest, Request, RequestStatus
 from engine.core.scheduler import Scheduler, SchedulerOutput, SchedulerStats
@@ -63,10 +65,26 @@ class EngineCore:
         self.runner = ModelRunner(self.model_config, config, self.device, self.max_model_len)
         self.namespace = kv_namespace(self.model_config, config.block_size)
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.connector = self._make_connector()
         self.scheduler = Scheduler(
             self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, eos_token_ids=self.model_config.eos_token_ids)
+            max_model_len=self.max_model_len, eos_token_ids=self.model_config.eos_token_ids,
+            connector=self.connector)
         self._rng = random.Random(config.seed)
+
+    def _make_connector(self) -> OffloadingConnector | None:
+        if self.config.kv_transfer_config is None:
+            return None
+        cfg = parse_kv_transfer_config(self.config.kv_transfer_config)
+        store_ns = kv_namespace(self.model_config, cfg.offload.block_size)
+        return OffloadingConnector(cfg, self.runner.kv_cache, self.config.block_size,
+                                   f"{store_ns.id}-p{self.config.block_size}",
+                                   self.config.served_model_name or self.model_config.name)
+
+    def close(self) -> None:
+        """Stop background transfers and release the store connection."""
+        if self.connector is not None:
+            self.connector.close()
 
     def _max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings
@@ -111,10 +129,14 @@ class EngineCore:
         """Schedule, run the model once, and report each request's new token."""
         out = self.scheduler.schedule()
         if out.is_empty:
+            if self.connector is not None and self.connector.has_pending_loads:
+                self.connector.wait_for_loads(timeout=0.05)
             return []
         block_tables = [self.kv.block_ids(sr.request.request_id) for sr in out.scheduled]
         batch, banned = self._sampling_batch(out)
         result = self.runner.execute(out, block_tables, batch, banned)
+        if self.connector is not None:
+            self.connector.save_step(out, self.kv.block_ids)
         updated = self.scheduler.update_from_output(out, result.token_ids)
         return self._outputs(out, result, updated)
 

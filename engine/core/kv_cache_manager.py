@@ -53,8 +53,11 @@ class KVCacheManager:
         return max(0, -(-total // self.block_size) - have)
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: list[KVBlock] | None = None) -> bool:
+                       new_computed_blocks: list[KVBlock] | None = None, register: bool = True) -> bool:
         """Give the request room for `num_new_tokens` more tokens; False if the pool is short.
+
+        `register=False` is for pages about to be filled by a load from the store: they become
+        findable only once their KV is there, when the request is next scheduled.
 
         Blocks that become full with this step's tokens are registered in the prefix cache now:
         within one forward every layer writes all K/V before attending, so a batch-mate that
@@ -71,6 +74,9 @@ class KVCacheManager:
             self.pool.touch(new_computed_blocks)
             blocks.extend(new_computed_blocks)
         blocks.extend(self.pool.allocate(need))
+        if not register:
+            self._num_cached.setdefault(request.request_id, len(new_computed_blocks))
+            return True
         num_full = min(request.num_computed_tokens + len(new_computed_blocks) * self.block_size
                        + num_new_tokens, request.num_tokens) // self.block_size
         num_full = min(num_full, len(request.block_hashes))

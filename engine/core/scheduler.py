@@ -5,6 +5,11 @@ chunk), then waiting requests in arrival order while budget, sequence slots and 
 When a running request cannot get a block, the most recently admitted request is preempted: its
 blocks are freed and it goes back to the front of the queue to be recomputed later (its output so
 far is kept, so it resumes where it stopped).
+
+With an offloading connector, a request whose prefix the store holds beyond the GPU prefix-cache
+hit gets its pages at admission and waits (WAITING_FOR_KV, using no token budget) while they load
+in the background; other requests keep running. When the load is done it joins the running
+requests and computes only the tokens after what was loaded.
 """
 
 from __future__ import annotations
@@ -13,9 +18,13 @@ import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from engine.connector.connector import OffloadingConnector
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +69,11 @@ class Scheduler:
     """Decides, each step, which requests run and how many tokens each computes."""
 
     def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_ids: Iterable[int]) -> None:
+                 max_model_len: int, eos_token_ids: Iterable[int],
+                 connector: OffloadingConnector | None = None) -> None:
         self.kv = kv
+        self.connector = connector
+        self.loading: dict[str, Request] = {}
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -79,7 +91,7 @@ class Scheduler:
         self.waiting.append(request)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
 
     def abort(self, request_ids: Iterable[str]) -> list[Request]:
         """Finish the named requests now and free their blocks; unknown ids are ignored."""
@@ -90,6 +102,8 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
+            elif request.status == RequestStatus.WAITING_FOR_KV:
+                del self.loading[rid]
             else:
                 self.waiting.remove(request)
             self._finish(request, RequestStatus.FINISHED_ABORTED)
@@ -98,6 +112,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.connector is not None:
+            self._admit_loaded()
         budget = self.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
@@ -110,24 +126,50 @@ class Scheduler:
             i += 1
         if out.preempted:
             return out
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.max_num_seqs:
             request = self.waiting[0]
             hits = self.kv.get_computed_blocks(request)
             num_hit = len(hits) * self.kv.block_size
+            to_load = self.connector.num_tokens_to_load(request, num_hit) if self.connector else 0
+            if to_load:
+                if not self.kv.allocate_slots(request, to_load, hits, register=False):
+                    break
+                self._admitted(request, num_hit)
+                request.status = RequestStatus.WAITING_FOR_KV
+                self.loading[request.request_id] = request
+                self.connector.start_load(request, self.kv.block_ids(request.request_id), num_hit, to_load)
+                continue
             n = min(request.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(request, n, hits):
                 break
-            self.waiting.popleft()
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_hit
-                self.prompt_tokens += request.num_prompt_tokens
-            self.kv.record_prefix_lookup(request.num_tokens, num_hit)
-            request.num_computed_tokens = num_hit
+            self._admitted(request, num_hit)
+            if self.connector is not None:
+                self.connector.record_prefill(request, num_hit)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self._add(out, request, n)
             budget -= n
         return out
+
+    def _admitted(self, request: Request, num_hit: int) -> None:
+        self.waiting.popleft()
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit
+            self.prompt_tokens += request.num_prompt_tokens
+        self.kv.record_prefix_lookup(request.num_tokens, num_hit)
+        request.num_computed_tokens = num_hit
+
+    def _admit_loaded(self) -> None:
+        """Requests whose load finished join the running ones, resuming after what was loaded."""
+        for request_id, ready in self.connector.finished_loads():
+            request = self.loading.pop(request_id, None)
+            if request is None:
+                continue
+            request.num_cached_tokens = max(request.num_cached_tokens, ready)
+            request.num_computed_tokens = ready
+            request.status = RequestStatus.RUNNING
+            self.connector.record_prefill(request, ready)
+            self.running.append(request)
 
     def _allocate_or_preempt(self, request: Request, n: int, out: SchedulerOutput) -> bool:
         while not self.kv.allocate_slots(request, n):
@@ -193,11 +235,13 @@ class Scheduler:
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
         self.kv.free(request)
+        if self.connector is not None:
+            self.connector.request_finished(request.request_id)
         del self.requests[request.request_id]
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
-            num_running=len(self.running), num_waiting=len(self.waiting), kv_cache_usage=self.kv.usage,
+            num_running=len(self.running), num_waiting=len(self.waiting) + len(self.loading), kv_cache_usage=self.kv.usage,
             prefix_cache_queries=self.kv.prefix_queries, prefix_cache_hits=self.kv.prefix_hits,
             num_preemptions=self.num_preemptions, prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens, computed_tokens=self.computed_tokens)

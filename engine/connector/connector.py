@@ -1,0 +1,178 @@
+"""The offloading connector, scheduler side: policy, lookup, and which blocks to load or save.
+
+Units: the engine's KV cache is paged (`page` = one engine block of `block_size` tokens); the
+store holds `blocks` of `offload block_size` tokens = `pages_per_block` pages. Store block j of a
+request is keyed by the engine's chained hash of its last page, seeded by the model namespace, so
+any replica with the same model, dtype and layout computes the same key for the same prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.connector.config import KVTransferConfig
+from engine.connector.metrics import ConnectorMetrics
+from engine.connector.policy import Decision, RequestInfo, load_policy
+from engine.connector.store_backend import open_store
+from engine.connector.transfer import BlockTransfer, LoadJob, SaveJob
+from engine.core.request import Request
+from engine.core.scheduler import SchedulerOutput
+from kvstore.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_NO_OFFLOAD = Decision(load=False, save=False)
+
+
+@dataclass
+class _RequestOffload:
+    decision: Decision
+    blocks_in_store: int = 0   # leading blocks the store reported at admission (not saved again)
+    blocks_saved: int = 0      # leading blocks handled by the save path so far
+    load_from: int = 0         # first block being loaded
+    load_start_tokens: int = 0 # tokens already on the GPU when the load started
+    load_end_tokens: int = 0   # tokens covered once the load completes
+
+
+class OffloadingConnector:
+    """Decides per request what is loaded from and saved to the store, and drives the transfers."""
+
+    def __init__(self, cfg: KVTransferConfig, kv_cache: torch.Tensor, page_size: int, namespace: str,
+                 model_name: str) -> None:
+        self.cfg = cfg
+        offload = cfg.offload
+        if offload.block_size % page_size:
+            raise ConfigError(f"kv_transfer_config.kv_connector_extra_config.block_size: expected a multiple of "
+                              f"the engine's block_size ({page_size}), got {offload.block_size}")
+        self.page_size = page_size
+        self.block_size = offload.block_size
+        self.pages_per_block = offload.block_size // page_size
+        self.model_name = model_name
+        self.namespace = namespace
+        self.policy = load_policy(offload.policy)
+        self.metrics = ConnectorMetrics(model_name)
+        self.store = open_store(offload)
+        self.transfer = BlockTransfer(kv_cache, self.store, namespace, self.pages_per_block, self.metrics,
+                                      offload.max_pending_saves)
+        self._requests: dict[str, _RequestOffload] = {}
+
+    # --- admission ------------------------------------------------------------------------------
+    def _state(self, request: Request, gpu_hit_tokens: int) -> _RequestOffload:
+        state = self._requests.get(request.request_id)
+        if state is None:
+            info = RequestInfo(request.request_id, request.num_prompt_tokens, gpu_hit_tokens, request.priority,
+                               self.model_name, dict(request.metadata))
+            try:
+                decision = self.policy.on_new_request(info)
+            except Exception:  # a broken user policy costs offloading for this request, nothing more
+                logger.exception("offload policy failed for request %s; not offloading it", request.request_id)
+                decision = _NO_OFFLOAD
+            decision = Decision(load=decision.load and self.cfg.can_load, save=decision.save and self.cfg.can_save,
+                                tiers=decision.tiers, ttl_s=decision.ttl_s,
+                                save_partial_block=decision.save_partial_block)
+            state = self._requests[request.request_id] = _RequestOffload(decision)
+        return state
+
+    def block_key(self, request: Request, j: int) -> bytes:
+        return request.block_hashes[(j + 1) * self.pages_per_block - 1]
+
+    def num_tokens_to_load(self, request: Request, gpu_hit_tokens: int) -> int:
+        """Tokens beyond the GPU prefix-cache hit that the store holds (0 = nothing to load).
+
+        One Lookup of the request's block keys. At least one prompt token is always left to
+        compute: its forward gives the logits of the first new token.
+        """
+        state = self._state(request, gpu_hit_tokens)
+        if not (state.decision.load or state.decision.save):
+            return 0
+        num_blocks = (request.num_tokens - 1) // self.block_size
+        if num_blocks == 0:
+            return 0
+        keys = [self.block_key(request, j) for j in range(num_blocks)]
+        try:
+            found = self.store.lookup(self.namespace, keys)
+        except Exception as e:  # noqa: BLE001 - a store that cannot answer is a miss
+            self.metrics.inc(self.metrics.store_errors, op="lookup")
+            logger.warning("store lookup failed for %s: %s", request.request_id, e)
+            return 0
+        self.metrics.inc(self.metrics.lookups)
+        state.blocks_in_store = found.num_hits
+        if not state.decision.load:
+            return 0
+        hit_end = found.num_hits * self.block_size
+        for j, tier in enumerate(found.tiers):
+            new = min((j + 1) * self.block_size, hit_end) - max(j * self.block_size, gpu_hit_tokens)
+            self.metrics.inc(self.metrics.hit_tokens, max(0, new), tier=tier)
+        return max(0, hit_end - gpu_hit_tokens)
+
+    def start_load(self, request: Request, page_ids: list[int], gpu_hit_tokens: int, num_tokens: int) -> None:
+        """Fetch the blocks covering tokens [gpu_hit_tokens, gpu_hit_tokens + num_tokens) into `page_ids`."""
+        state = self._requests[request.request_id]
+        first = gpu_hit_tokens // self.block_size
+        end = (gpu_hit_tokens + num_tokens) // self.block_size
+        ppb = self.pages_per_block
+        state.load_from = first
+        state.load_start_tokens = gpu_hit_tokens
+        state.load_end_tokens = gpu_hit_tokens + num_tokens
+        self.transfer.start_load(LoadJob(
+            request.request_id, [self.block_key(request, j) for j in range(first, end)],
+            page_ids[first * ppb:end * ppb], skip_pages=gpu_hit_tokens // self.page_size - first * ppb))
+
+    def finished_loads(self) -> list[tuple[str, int]]:
+        """(request id, tokens whose KV is now in its pages) for every load that completed.
+
+        A load that delivered fewer blocks than the lookup promised (a tier died, a checksum
+        failed) ends early; the request recomputes the rest.
+        """
+        done = []
+        for result in self.transfer.finish_loads():
+            state = self._requests.get(result.request_id)
+            if state is None:
+                continue
+            ready = max(state.load_start_tokens, (state.load_from + result.blocks_loaded) * self.block_size)
+            self.metrics.inc(self.metrics.loaded_tokens, ready - state.load_start_tokens)
+            self.metrics.inc(self.metrics.failed_load_tokens, state.load_end_tokens - ready)
+            done.append((result.request_id, ready))
+        return done
+
+    def wait_for_loads(self, timeout: float) -> None:
+        self.transfer.wait_for_load(timeout)
+
+    @property
+    def has_pending_loads(self) -> bool:
+        return self.transfer.num_pending_loads > 0
+
+    def record_prefill(self, request: Request, num_computed_tokens: int) -> None:
+        """Count the prompt tokens a request that consulted the store still has to compute."""
+        if request.request_id in self._requests:
+            self.metrics.inc(self.metrics.recomputed_tokens, max(0, request.num_prompt_tokens - num_computed_tokens))
+
+    # --- saving ---------------------------------------------------------------------------------
+    def save_step(self, out: SchedulerOutput, page_ids_of) -> None:
+        """After a step's forward: save every block that became full (its KV is now written)."""
+        jobs = []
+        for sr in out.scheduled:
+            state = self._requests.get(sr.request.request_id)
+            if state is None or not state.decision.save:
+                continue
+            full = (sr.start + sr.num_tokens) // self.block_size
+            first = max(state.blocks_saved, state.blocks_in_store)
+            if full > first:
+                pages = page_ids_of(sr.request.request_id)
+                ppb = self.pages_per_block
+                jobs.append(SaveJob([self.block_key(sr.request, j) for j in range(first, full)],
+                                    pages[first * ppb:full * ppb], state.decision.tiers, state.decision.ttl_s))
+            state.blocks_saved = max(state.blocks_saved, full)
+        if jobs:
+            self.transfer.save(jobs)
+
+    def request_finished(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+        self.transfer.cancel_load(request_id)
+
+    def close(self) -> None:
+        self.transfer.close()
+        self.store.close()

@@ -1,0 +1,48 @@
+"""Offloading metrics on the engine's /metrics (one registry per engine, merged by the server)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ConnectorMetrics:
+    """Counters and histograms of one engine's offloading connector."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, labels + list(extra), registry=self.registry)
+
+        def hist(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+        self._model = model_name
+        self.lookups = counter("tierkv:offload_lookups", "Store lookups made at request admission")
+        self.hit_tokens = counter("tierkv:offload_hit_tokens", "Prompt tokens found in the store, by tier", ("tier",))
+        self.loaded_tokens = counter("tierkv:offload_loaded_tokens", "Prompt tokens loaded from the store instead of computed")
+        self.recomputed_tokens = counter("tierkv:offload_recomputed_tokens",
+                                         "Prompt tokens computed by requests that consulted the store")
+        self.failed_load_tokens = counter("tierkv:offload_failed_load_tokens",
+                                          "Tokens the store reported but could not deliver (recomputed instead)")
+        self.saved_blocks = counter("tierkv:offload_saved_blocks", "Blocks handed to the store")
+        self.bytes_saved = counter("tierkv:offload_saved_bytes", "Bytes handed to the store")
+        self.bytes_loaded = counter("tierkv:offload_loaded_bytes", "Bytes loaded from the store")
+        self.dropped_saves = counter("tierkv:offload_dropped_saves", "Blocks not saved because the save queue was full")
+        self.store_errors = counter("tierkv:offload_store_errors", "Failed store operations, by operation", ("op",))
+        self.load_seconds = hist("tierkv:offload_load_seconds", "Time from load start to pages ready")
+        self.save_seconds = hist("tierkv:offload_save_seconds", "Time to hand one batch of blocks to the store")
+
+    def inc(self, metric: Counter, amount: float = 1, **labels: str) -> None:
+        if amount:
+            metric.labels(model_name=self._model, **labels).inc(amount)
+
+    def observe(self, metric: Histogram, value: float) -> None:
+        metric.labels(model_name=self._model).observe(value)
+
+    def value(self, metric: Counter, **labels: str) -> float:
+        """Current value of a counter (for tests and benchmarks)."""
+        return metric.labels(model_name=self._model, **labels)._value.get()

@@ -1,0 +1,57 @@
+"""Open the store the connector talks to: the kvstore daemon, or the same tiers in-process."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Protocol
+
+from engine.connector.config import OffloadConfig
+from kvstore.config import ConfigError
+from kvstore.store import LookupResult, TieredStore
+
+logger = logging.getLogger(__name__)
+
+
+class BlockStore(Protocol):
+    """What the connector needs; `TieredStore` and `kvstore.client.KVStoreClient` both provide it."""
+
+    def lookup(self, namespace: str, keys: list[bytes]) -> LookupResult: ...
+    def get(self, namespace: str, keys: list[bytes]) -> list[bytes | None]: ...
+    def put(self, namespace: str, blocks: list[tuple[bytes, bytes]], *, tiers: list[str] | None = None,
+            ttl_s: float | None = None) -> int: ...
+    def health(self) -> dict[str, bool]: ...
+    def close(self) -> None: ...
+
+
+_KEY = "kv_transfer_config.kv_connector_extra_config"
+
+
+def open_store(cfg: OffloadConfig) -> BlockStore:
+    """Connect and check that every tier answers; a tier that does not is a start-up error."""
+    if cfg.kvstore_url:
+        from kvstore.client import KVStoreClient
+
+        token = cfg.auth_token.get_secret_value() if cfg.auth_token else None
+        if token is None and cfg.auth_token_env:
+            token = os.environ.get(cfg.auth_token_env)
+        store = KVStoreClient(cfg.kvstore_url, token=token, timeout_s=cfg.load_timeout_s)
+        try:
+            health = store.health()
+        except Exception as e:
+            store.close()
+            raise ConfigError(f"{_KEY}.kvstore_url: cannot reach the kvstore daemon ({e})") from None
+        down = [name for name, up in health.items() if not up]
+        if down:
+            logger.warning("kvstore daemon reports tier(s) down: %s; it keeps serving from the others", down)
+        logger.info("offloading to the kvstore daemon at %s (tiers %s)", cfg.kvstore_url, list(health))
+        return store
+    store = TieredStore(cfg.tiers())
+    down = [name for name, up in store.health().items() if not up]
+    if down:
+        store.close()
+        names = store.tier_names
+        where = [f"secondary_tiers.{names.index(n) - (1 if cfg.cpu_bytes_to_use else 0)}" for n in down]
+        raise ConfigError(f"{_KEY}.{where[0]}: tier {down[0]!r} is unreachable")
+    logger.info("offloading to an embedded store with tiers %s", store.tier_names)
+    return store

@@ -1,0 +1,229 @@
+"""The worker side of offloading: moves KV pages between the paged cache and the store.
+
+Save: one gather packs the pages of every block completed this step into a staging buffer, an
+async device-to-host copy on a side stream lands it in pinned host memory, and a background
+sender hands it to the store. The queue is bounded by a fixed ring of host slots: when the store
+is slow, the newest saves are dropped and counted, and the step never waits.
+
+Load: a background fetcher reads the blocks from the store into host memory; the engine thread
+then copies them into their pages with one scatter at the start of a step, so the copy is ordered
+before the forward that reads them (on a GPU: the same stream) and no page is written while a
+forward could be reading it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.connector.metrics import ConnectorMetrics
+from engine.connector.store_backend import BlockStore
+from kernels import gather_blocks, scatter_blocks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SaveJob:
+    """Blocks of one request to save: their keys and, for each, its pages (in order)."""
+
+    keys: list[bytes]
+    page_ids: list[int]          # len(keys) * pages_per_block
+    tiers: list[str] | None
+    ttl_s: float | None
+
+
+@dataclass
+class LoadJob:
+    request_id: str
+    keys: list[bytes]
+    page_ids: list[int]          # pages to fill, len(keys) * pages_per_block
+    skip_pages: int              # leading pages the GPU prefix cache already holds: not written
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class LoadResult:
+    request_id: str
+    blocks_loaded: int           # leading blocks delivered intact (the rest is recomputed)
+
+
+class BlockTransfer:
+    """Background save and load of whole blocks (`pages_per_block` pages each)."""
+
+    def __init__(self, kv_cache: torch.Tensor, store: BlockStore, namespace: str, pages_per_block: int,
+                 metrics: ConnectorMetrics, max_pending_saves: int) -> None:
+        self.kv_cache = kv_cache
+        self.store = store
+        self.namespace = namespace
+        self.pages_per_block = pages_per_block
+        self.metrics = metrics
+        self.page_shape = tuple(kv_cache.shape[1:])
+        self.block_bytes = pages_per_block * kv_cache[0].numel() * kv_cache.element_size()
+        self.cuda = kv_cache.is_cuda
+        self._side_stream = torch.cuda.Stream(kv_cache.device) if self.cuda else None
+        self._free_slots: queue.Queue[int] = queue.Queue()
+        self._slots = self._alloc_slots(max_pending_saves)
+        self._saves: queue.Queue = queue.Queue()
+        self._loads: queue.Queue = queue.Queue()
+        self._loaded: queue.Queue = queue.Queue()
+        self._pending_loads: dict[str, LoadJob] = {}
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._send_loop, name="kv-save", daemon=True),
+                         threading.Thread(target=self._fetch_loop, name="kv-load", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _alloc_slots(self, n: int) -> torch.Tensor | None:
+        for i in range(n):
+            self._free_slots.put(i)
+        if not self.cuda:
+            return None  # on CPU the gathered copy itself is the payload; slots only bound the queue
+        # One pinned block per slot, so each D2H copy runs at full PCIe speed into memory we own.
+        return torch.empty((n, self.block_bytes), dtype=torch.uint8, pin_memory=True)
+
+    # --- save -----------------------------------------------------------------------------------
+    def save(self, jobs: list[SaveJob]) -> None:
+        """Stage the blocks of `jobs` for the store without waiting for it; called after a step."""
+        staged: list[tuple[SaveJob, list[int]]] = []
+        dropped = 0
+        for job in jobs:
+            slots = []
+            for _ in job.keys:
+                try:
+                    slots.append(self._free_slots.get_nowait())
+                except queue.Empty:
+                    break
+            dropped += len(job.keys) - len(slots)
+            if slots:
+                staged.append((SaveJob(job.keys[:len(slots)], job.page_ids[:len(slots) * self.pages_per_block],
+                                       job.tiers, job.ttl_s), slots))
+        self.metrics.inc(self.metrics.dropped_saves, dropped)
+        if not staged:
+            return
+        page_ids = [p for job, _ in staged for p in job.page_ids]
+        slot_ids = [s for _, slots in staged for s in slots]
+        ids = torch.tensor(page_ids, dtype=torch.int64, device=self.kv_cache.device)
+        event = None
+        if self.cuda:
+            self._side_stream.wait_stream(torch.cuda.current_stream(self.kv_cache.device))
+            with torch.cuda.stream(self._side_stream):
+                packed = gather_blocks(self.kv_cache, ids).view(len(slot_ids), -1).view(torch.uint8)
+                for row, slot in enumerate(slot_ids):
+                    self._slots[slot].copy_(packed[row], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._side_stream)
+            packed.record_stream(self._side_stream)
+            payload = self._slots
+            rows = slot_ids
+        else:
+            payload = gather_blocks(self.kv_cache, ids).view(len(slot_ids), -1).view(torch.uint8)
+            rows = list(range(len(slot_ids)))
+        self._saves.put((staged, slot_ids, payload, rows, event))
+
+    def _send_loop(self) -> None:
+        while not self._stop.is_set():
+            item = self._saves.get()
+            if item is None:
+                return
+            staged, slot_ids, payload, rows, event = item
+            if event is not None:
+                event.synchronize()
+            it = iter(rows)
+            try:
+                for job, _ in staged:
+                    blocks = [(key, payload[next(it)].numpy().tobytes()) for key in job.keys]
+                    start = time.perf_counter()
+                    try:
+                        stored = self.store.put(self.namespace, blocks, tiers=job.tiers, ttl_s=job.ttl_s)
+                    except Exception as e:  # noqa: BLE001 - a failed save is skipped, never fatal
+                        self.metrics.inc(self.metrics.store_errors, op="put")
+                        logger.warning("saving %d block(s) to the store failed: %s", len(blocks), e)
+                        continue
+                    self.metrics.observe(self.metrics.save_seconds, time.perf_counter() - start)
+                    self.metrics.inc(self.metrics.saved_blocks, stored)
+                    self.metrics.inc(self.metrics.bytes_saved, stored * self.block_bytes)
+            finally:
+                for s in slot_ids:
+                    self._free_slots.put(s)
+
+    # --- load -----------------------------------------------------------------------------------
+    def start_load(self, job: LoadJob) -> None:
+        self._pending_loads[job.request_id] = job
+        self._loads.put(job)
+
+    def cancel_load(self, request_id: str) -> None:
+        self._pending_loads.pop(request_id, None)
+
+    @property
+    def num_pending_loads(self) -> int:
+        return len(self._pending_loads)
+
+    def _fetch_loop(self) -> None:
+        while not self._stop.is_set():
+            job = self._loads.get()
+            if job is None:
+                return
+            try:
+                payloads = self.store.get(self.namespace, job.keys)
+            except Exception as e:  # noqa: BLE001 - a failed load is recomputed
+                self.metrics.inc(self.metrics.store_errors, op="get")
+                logger.warning("loading %d block(s) for %s failed: %s", len(job.keys), job.request_id, e)
+                payloads = []
+            intact = []
+            for payload in payloads:
+                if payload is None or len(payload) != self.block_bytes:
+                    break
+                intact.append(payload)
+            host = None
+            if intact:
+                host = torch.empty((len(intact), self.block_bytes), dtype=torch.uint8, pin_memory=self.cuda)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # read-only buffers: copied out at once
+                    for i, payload in enumerate(intact):
+                        host[i].copy_(torch.frombuffer(payload, dtype=torch.uint8))
+            self._loaded.put((job, host))
+
+    def wait_for_load(self, timeout: float) -> None:
+        """Block until some load finishes (or `timeout`); lets an idle engine avoid spinning."""
+        if self._pending_loads and self._loaded.empty():
+            try:
+                self._loaded.put(self._loaded.get(timeout=timeout))
+            except queue.Empty:
+                pass
+
+    def finish_loads(self) -> list[LoadResult]:
+        """Copy every fetched block into its pages (engine thread, before the next forward)."""
+        results = []
+        while True:
+            try:
+                job, host = self._loaded.get_nowait()
+            except queue.Empty:
+                return results
+            if self._pending_loads.pop(job.request_id, None) is None:
+                continue  # aborted while loading
+            n = 0 if host is None else host.shape[0]
+            if n:
+                ppb = self.pages_per_block
+                dtype = self.kv_cache.dtype
+                src = host.view(dtype).view(n * ppb, *self.page_shape)[job.skip_pages:]
+                pages = torch.tensor(job.page_ids[job.skip_pages:n * ppb], dtype=torch.int64,
+                                     device=self.kv_cache.device)
+                if len(pages):
+                    scatter_blocks(self.kv_cache, pages, src.to(self.kv_cache.device, non_blocking=True))
+                self.metrics.inc(self.metrics.bytes_loaded, n * self.block_bytes)
+            self.metrics.observe(self.metrics.load_seconds, time.perf_counter() - job.started)
+            results.append(LoadResult(job.request_id, n))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._saves.put(None)
+        self._loads.put(None)
+        for t in self._threads:
+            t.join(timeout=5)
