@@ -34,20 +34,22 @@ def _generate(argv: list[str]) -> int:
     return 0
 
 
+def _serve(argv: list[str]) -> int:
+    from engine.server.cli import main as serve_main
+
+    return serve_main(argv)
+
+
+def _bench(argv: list[str]) -> int:
+    from engine.bench.cli import main as bench_main
+
+    return bench_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"generate": _generate}
-    try:
-        from engine.server.cli import main as serve_main
-        commands["serve"] = serve_main
-    except ImportError:
-        pass
-    try:
-        from engine.bench.cli import main as bench_main
-        commands["bench"] = bench_main
-    except ImportError:
-        pass
+    commands = {"generate": _generate, "serve": _serve, "bench": _bench}
     if not argv or argv[0] not in commands:
         print(f"usage: tierkv {{{','.join(commands)}}} ...", file=sys.stderr)
         return 2
