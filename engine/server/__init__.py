@@ -1,0 +1,1 @@
+"""`tierkv serve`: an OpenAI-compatible HTTP server over the engine core (entry point: `engine.server.cli:main`)."""
