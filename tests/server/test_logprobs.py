@@ -1,6 +1,5 @@
 """Logprobs over HTTP equal the offline API's, in both OpenAI shapes."""
 
-
 from tests.server.conftest import greedy
 
 
