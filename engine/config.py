@@ -13,7 +13,9 @@ _DEVICES = ("auto", "cpu", "cuda")
 class EngineConfig:
     """Everything `LLM(...)`, `tierkv generate` and `tierkv serve` configure.
 
-    `model=None` serves the embedded default model (SmolLM2-135M-Instruct). `num_gpu_blocks`
+    `model=None` serves the embedded default model (SmolLM2-135M-Instruct). `load_format="dummy"`
+    gives random weights from the model's config.json alone (benchmarks); `skip_tokenizer_init`
+    serves token-id prompts only and returns no text. `num_gpu_blocks`
     overrides KV-pool sizing; otherwise the pool gets `kv_cache_memory_bytes` (CPU, default 2 GiB)
     or what `gpu_memory_utilization` leaves after a profiling forward (CUDA).
     """
@@ -36,6 +38,8 @@ class EngineConfig:
     max_waiting_requests: int | None = None
     async_scheduling: bool = True
     enforce_eager: bool = False
+    load_format: str = "auto"
+    skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -53,6 +57,8 @@ class EngineConfig:
         if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(_KV_CACHE_DTYPES)} "
                              f"(the KV cache uses the model dtype), got {self.kv_cache_dtype!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy' (random weights), got {self.load_format!r}")
         if self.device not in _DEVICES:
             raise ValueError(f"device must be one of {', '.join(_DEVICES)}, got {self.device!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

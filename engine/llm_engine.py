@@ -23,7 +23,7 @@ class LLMEngine:
         self.config = config
         self.core = EngineCore(config)
         self.model_config = self.core.model_config
-        self.tokenizer = load_tokenizer(self.model_config)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(self.model_config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
@@ -37,6 +37,8 @@ class LLMEngine:
             else:
                 raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; this engine runs with skip_tokenizer_init")
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)

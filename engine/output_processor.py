@@ -48,6 +48,8 @@ class OutputProcessor:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float | None = None) -> None:
+        if self.tokenizer is None and params.stop:
+            raise ValueError("stop strings need a tokenizer; this engine runs with skip_tokenizer_init")
         context = prompt_token_ids[-_CONTEXT_TOKENS:]
         self._states[request_id] = _RequestState(
             request_id, prompt, list(prompt_token_ids), params, arrival_time or time.monotonic(),
@@ -103,6 +105,8 @@ class OutputProcessor:
         return False
 
     def _decode_next(self, state: _RequestState, token: int) -> str:
+        if self.tokenizer is None:
+            return ""
         skip = state.params.skip_special_tokens
         state.window.append(token)
         prefix = self.tokenizer.decode(state.window[state.prefix_offset:state.read_offset],
@@ -126,12 +130,15 @@ class OutputProcessor:
         state.finish_reason, state.stop_reason = "stop", stop
         return True
 
+    def _token_text(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token])
+
     def _append_logprobs(self, state: _RequestState, token: int, logprob: float,
                          top: list[tuple[int, float]]) -> None:
-        entry = {tid: Logprob(lp, rank=r + 1, decoded_token=self.tokenizer.decode([tid]))
+        entry = {tid: Logprob(lp, rank=r + 1, decoded_token=self._token_text(tid))
                  for r, (tid, lp) in enumerate(top)}
         if token not in entry:
-            entry[token] = Logprob(logprob, rank=None, decoded_token=self.tokenizer.decode([token]))
+            entry[token] = Logprob(logprob, rank=None, decoded_token=self._token_text(token))
         state.logprobs.append(entry)
         state.cumulative_logprob += logprob
 

@@ -59,7 +59,7 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.model_config = load_model_config(config.model, config.dtype)
+        self.model_config = load_model_config(config.model, config.dtype, config.load_format)
         self.max_model_len = self._max_model_len()
         self.device = resolve_device(config.device)
         self.runner = ModelRunner(self.model_config, config, self.device, self.max_model_len)

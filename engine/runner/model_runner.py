@@ -10,6 +10,7 @@ import torch
 from engine.config import EngineConfig
 from engine.core.scheduler import SchedulerOutput
 from engine.models.config import ModelConfig
+from engine.models.dummy import load_dummy_model
 from engine.models.loader import load_model
 from engine.runner.inputs import prepare_inputs
 from engine.sampling.sampler import Sampler, SamplingBatch
@@ -43,7 +44,8 @@ class ModelRunner:
         self.config = config
         self.device = device
         self.block_size = config.block_size
-        self.model = load_model(model_config, device)
+        self.model = (load_dummy_model(model_config, device, config.seed) if config.load_format == "dummy"
+                      else load_model(model_config, device))
         self.sampler = Sampler()
         self.num_blocks = self._num_blocks(max_model_len)
         self.kv_cache = torch.zeros(
