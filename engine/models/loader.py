@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
+from engine.models import gguf_cache
 from engine.models.config import ModelConfig, safetensors_files
 from engine.models.gguf_metadata import read_gguf_header
 from engine.models.llama import CausalLM
@@ -31,7 +32,7 @@ def load_model(cfg: ModelConfig, device: torch.device) -> CausalLM:
         model = build_model(cfg)
     model = model.to(dtype=cfg.dtype).to_empty(device=device)
     layout_names = list(model.checkpoint_layout())
-    tensors = _gguf_tensors(cfg, layout_names) if cfg.is_gguf else _safetensors_tensors(cfg)
+    tensors = _gguf_tensors(cfg, layout_names) if cfg.is_gguf else _safetensors_tensors(cfg, cfg.path)
     _fill_parameters(model, tensors)
     model.build_rotary_cache()
     return model.eval()
@@ -61,11 +62,11 @@ def _fill_parameters(model: CausalLM, tensors: Iterator[tuple[str, torch.Tensor]
         raise ValueError(f"checkpoint of {model.cfg.path!r} lacks {len(missing)} tensors: {shown}")
 
 
-def _safetensors_tensors(cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_tensors(cfg: ModelConfig, model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of every shard, one at a time (peak host memory: one tensor), with a progress bar."""
     from safetensors import safe_open
 
-    files = safetensors_files(cfg.path)
+    files = safetensors_files(model_dir)
     total = 0
     for file in files:
         with safe_open(file, framework="pt") as f:
@@ -79,13 +80,24 @@ def _safetensors_tensors(cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]
 
 
 def _gguf_tensors(cfg: ModelConfig, hf_names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """GGUF tensors dequantized, renamed to HF names and un-permuted by transformers (its own progress bar)."""
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    """GGUF tensors dequantized, renamed to HF names and un-permuted by transformers (its own progress
+    bar) — once; later starts read the converted tensors from the GGUF cache."""
+    what = f"weights-{str(cfg.dtype).removeprefix('torch.')}"
+    cached = gguf_cache.lookup(cfg.revision, what)
+    if cached is None:
+        from safetensors.torch import save_file
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    model_type = read_gguf_header(cfg.path).metadata["general.architecture"]
-    names = _HFNames(model_type, cfg.num_layers, hf_names)
-    checkpoint = load_gguf_checkpoint(cfg.path, return_tensors=True, model_to_load=names, torch_dtype=cfg.dtype)
-    yield from checkpoint["tensors"].items()
+        model_type = read_gguf_header(cfg.path).metadata["general.architecture"]
+        names = _HFNames(model_type, cfg.num_layers, hf_names)
+        tensors = load_gguf_checkpoint(cfg.path, return_tensors=True, model_to_load=names,
+                                       torch_dtype=cfg.dtype)["tensors"]
+        cached = gguf_cache.store(cfg.revision, what, lambda d: save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors")))
+        if cached is None:
+            yield from tensors.items()
+            return
+    yield from _safetensors_tensors(cfg, str(cached))
 
 
 class _HFNames:
@@ -111,9 +123,13 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     if cfg.is_gguf:
+        cached = gguf_cache.lookup(cfg.revision, "tokenizer")
+        if cached is not None:
+            return AutoTokenizer.from_pretrained(str(cached))
         tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(cfg.path), gguf_file=os.path.basename(cfg.path))
         if tokenizer.chat_template is None:
             tokenizer.chat_template = read_gguf_header(cfg.path).metadata.get("tokenizer.chat_template")
+        gguf_cache.store(cfg.revision, "tokenizer", lambda d: tokenizer.save_pretrained(str(d)))
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.path)
     if tokenizer.chat_template is None:
