@@ -86,7 +86,7 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) 
     except ValueError as err:
         message = str(err)
         match = _PARAM_NAME.match(message)
-        raise bad_request(message[0].upper() + message[1:] + ".", param=match.group(0) if match else None) from None
+        raise bad_request(f"{message}.", param=match.group(0) if match else None) from None
 
 
 def _metadata(req: SamplingFields) -> dict | None:

@@ -14,9 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from engine.sampling.params import MAX_LOGPROBS
 from engine.server.errors import APIError, bad_request
-
-MAX_TOP_LOGPROBS = 20
 
 
 class _Request(BaseModel):
@@ -82,8 +81,6 @@ class CompletionRequest(SamplingFields):
             raise unsupported_field("echo", "echo is not supported")
         if self.suffix:
             raise unsupported_field("suffix", "suffix is not supported")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise bad_request(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}.", param="logprobs")
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt of this request, as text or token ids (batched prompts are a 400)."""
@@ -163,9 +160,9 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise bad_request("top_logprobs requires logprobs to be true.", param="top_logprobs")
-            if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
                 raise bad_request(
-                    f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}.", param="top_logprobs"
+                    f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.top_logprobs}.", param="top_logprobs"
                 )
         if self.continue_final_message and self.add_generation_prompt:
             raise bad_request(
