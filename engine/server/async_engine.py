@@ -53,6 +53,8 @@ class AsyncEngine:
         self.core = core
         self.tokenizer = tokenizer
         self.metrics = metrics
+        if core.connector is not None:
+            metrics.add_registry(core.connector.metrics.registry)
         self.max_waiting_requests = max_waiting_requests
         self.max_model_len: int = core.max_model_len
         self.vocab_size: int = core.model_config.vocab_size
@@ -87,6 +89,7 @@ class AsyncEngine:
             self._cond.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        self.core.close()
 
     @property
     def alive(self) -> bool:

@@ -34,6 +34,7 @@ class ServerMetrics:
         # vLLM exposes no `_created` series; this switch is process-wide in prometheus_client.
         disable_created_metrics()
         self.registry = CollectorRegistry()
+        self._extra_registries: list[CollectorRegistry] = []
         labels = ["model_name"]
 
         def gauge(name: str, doc: str) -> Gauge:
@@ -84,6 +85,10 @@ class ServerMetrics:
         """Count one finished request by why it finished (stop, length, abort)."""
         self._request_success.labels(self._model_name, finish_reason).inc()
 
+    def add_registry(self, registry: CollectorRegistry) -> None:
+        """Export another component's metrics (the offloading connector's) on the same /metrics."""
+        self._extra_registries.append(registry)
+
     def render(self) -> bytes:
-        """The Prometheus text exposition of this server's registry."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of this server's registry and the ones added to it."""
+        return b"".join(generate_latest(r) for r in [self.registry, *self._extra_registries])
