@@ -39,6 +39,7 @@ class OffloadConfig(_Strict):
     secondary_tiers: list[dict[str, Any]] = Field(default_factory=list)
     policy: dict[str, Any] = Field(default_factory=lambda: {"name": "save_all"})
     max_pending_saves: Annotated[int, Field(ge=1)] = 64
+    lookup_timeout_s: Annotated[float, Field(gt=0)] = 1.0
     load_timeout_s: Annotated[float, Field(gt=0)] = 10.0
 
     @field_validator("cpu_bytes_to_use", mode="before")

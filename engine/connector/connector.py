@@ -9,22 +9,27 @@ any replica with the same model, dtype and layout computes the same key for the 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
 from engine.connector.config import KVTransferConfig
 from engine.connector.metrics import ConnectorMetrics
-from engine.connector.policy import Decision, RequestInfo, load_policy
+from engine.connector.policy import Decision, RequestInfo, check_policy_tiers, load_policy
 from engine.connector.store_backend import open_store
 from engine.connector.transfer import BlockTransfer, LoadJob, SaveJob
 from engine.core.request import Request
 from engine.core.scheduler import SchedulerOutput
 from kvstore.config import ConfigError
+from kvstore.store import LookupResult
 
 logger = logging.getLogger(__name__)
 
 _NO_OFFLOAD = Decision(load=False, save=False)
+# After a failed lookup, admissions skip the store (a miss) for this long, doubling per failure:
+# a dead daemon must not cost every new request a connection attempt on the scheduler's path.
+_LOOKUP_BACKOFF_S = (0.5, 10.0)
 
 
 @dataclass
@@ -55,9 +60,16 @@ class OffloadingConnector:
         self.policy = load_policy(offload.policy)
         self.metrics = ConnectorMetrics(model_name)
         self.store = open_store(offload)
+        try:
+            check_policy_tiers(self.policy, list(self.store.health()))
+        except ConfigError:
+            self.store.close()
+            raise
         self.transfer = BlockTransfer(kv_cache, self.store, namespace, self.pages_per_block, self.metrics,
                                       offload.max_pending_saves)
         self._requests: dict[str, _RequestOffload] = {}
+        self._lookup_backoff_s = _LOOKUP_BACKOFF_S[0]
+        self._lookups_resume_at = 0.0
 
     # --- admission ------------------------------------------------------------------------------
     def _state(self, request: Request, gpu_hit_tokens: int) -> _RequestOffload:
@@ -71,8 +83,7 @@ class OffloadingConnector:
                 logger.exception("offload policy failed for request %s; not offloading it", request.request_id)
                 decision = _NO_OFFLOAD
             decision = Decision(load=decision.load and self.cfg.can_load, save=decision.save and self.cfg.can_save,
-                                tiers=decision.tiers, ttl_s=decision.ttl_s,
-                                save_partial_block=decision.save_partial_block)
+                                tiers=decision.tiers, ttl_s=decision.ttl_s)
             state = self._requests[request.request_id] = _RequestOffload(decision)
         return state
 
@@ -91,14 +102,9 @@ class OffloadingConnector:
         num_blocks = (request.num_tokens - 1) // self.block_size
         if num_blocks == 0:
             return 0
-        keys = [self.block_key(request, j) for j in range(num_blocks)]
-        try:
-            found = self.store.lookup(self.namespace, keys)
-        except Exception as e:  # noqa: BLE001 - a store that cannot answer is a miss
-            self.metrics.inc(self.metrics.store_errors, op="lookup")
-            logger.warning("store lookup failed for %s: %s", request.request_id, e)
+        found = self._lookup(request, [self.block_key(request, j) for j in range(num_blocks)])
+        if found is None:
             return 0
-        self.metrics.inc(self.metrics.lookups)
         state.blocks_in_store = found.num_hits
         if not state.decision.load:
             return 0
@@ -107,6 +113,24 @@ class OffloadingConnector:
             new = min((j + 1) * self.block_size, hit_end) - max(j * self.block_size, gpu_hit_tokens)
             self.metrics.inc(self.metrics.hit_tokens, max(0, new), tier=tier)
         return max(0, hit_end - gpu_hit_tokens)
+
+    def _lookup(self, request: Request, keys: list[bytes]) -> LookupResult | None:
+        """One Lookup; None (a miss) when the store fails or is backing off after a failure."""
+        now = time.monotonic()
+        if now < self._lookups_resume_at:
+            return None
+        try:
+            found = self.store.lookup(self.namespace, keys)
+        except Exception as e:  # noqa: BLE001 - a store that cannot answer is a miss
+            self.metrics.inc(self.metrics.store_errors, op="lookup")
+            logger.warning("store lookup failed for %s: %s; skipping lookups for %.1f s", request.request_id, e,
+                           self._lookup_backoff_s)
+            self._lookups_resume_at = now + self._lookup_backoff_s
+            self._lookup_backoff_s = min(2 * self._lookup_backoff_s, _LOOKUP_BACKOFF_S[1])
+            return None
+        self._lookup_backoff_s = _LOOKUP_BACKOFF_S[0]
+        self.metrics.inc(self.metrics.lookups)
+        return found
 
     def start_load(self, request: Request, page_ids: list[int], gpu_hit_tokens: int, num_tokens: int) -> None:
         """Fetch the blocks covering tokens [gpu_hit_tokens, gpu_hit_tokens + num_tokens) into `page_ids`."""
@@ -173,6 +197,11 @@ class OffloadingConnector:
         self._requests.pop(request_id, None)
         self.transfer.cancel_load(request_id)
 
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every save handed to the background sender reached the store (or failed)."""
+        return self.transfer.flush(timeout)
+
     def close(self) -> None:
+        """Send the saves already staged, then stop the transfers and disconnect from the store."""
         self.transfer.close()
         self.store.close()

@@ -46,3 +46,18 @@ class ConnectorMetrics:
     def value(self, metric: Counter, **labels: str) -> float:
         """Current value of a counter (for tests and benchmarks)."""
         return metric.labels(model_name=self._model, **labels)._value.get()
+
+    def snapshot(self) -> dict[str, float]:
+        """Every counter sample as {"tierkv:offload_x{label=value}": value}, without the model label
+        (what tests, benchmarks and the engine-process helper report)."""
+        out: dict[str, float] = {}
+        for family in self.registry.collect():
+            if family.type != "counter":
+                continue
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model_name")
+                name = sample.name.removesuffix("_total")
+                out[f"{name}{{{labels}}}" if labels else name] = sample.value
+        return out

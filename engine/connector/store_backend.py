@@ -8,18 +8,19 @@ from typing import Protocol
 
 from engine.connector.config import OffloadConfig
 from kvstore.config import ConfigError
-from kvstore.store import LookupResult, TieredStore
+from kvstore.store import LookupResult, TieredStore, TierUsage
 
 logger = logging.getLogger(__name__)
 
 
 class BlockStore(Protocol):
-    """What the connector needs; `TieredStore` and `kvstore.client.KVStoreClient` both provide it."""
+    """What the connector needs; `TieredStore` (embedded) and `DaemonStore` provide it."""
 
     def lookup(self, namespace: str, keys: list[bytes]) -> LookupResult: ...
     def get(self, namespace: str, keys: list[bytes]) -> list[bytes | None]: ...
     def put(self, namespace: str, blocks: list[tuple[bytes, bytes]], *, tiers: list[str] | None = None,
             ttl_s: float | None = None) -> int: ...
+    def stats(self) -> dict[str, dict[str, TierUsage]]: ...
     def health(self) -> dict[str, bool]: ...
     def close(self) -> None: ...
 
@@ -27,15 +28,45 @@ class BlockStore(Protocol):
 _KEY = "kv_transfer_config.kv_connector_extra_config"
 
 
+class DaemonStore:
+    """The kvstore daemon through two channels: lookups (on the scheduler's path, at admission)
+    get a short deadline and no retries, so a hung daemon costs one `lookup_timeout_s`; loads and
+    saves run in background threads and get the long deadline and the client's retries."""
+
+    def __init__(self, url: str, token: str | None, lookup_timeout_s: float, transfer_timeout_s: float) -> None:
+        from kvstore.client import KVStoreClient, RetryPolicy
+
+        self._lookups = KVStoreClient(url, token=token, timeout_s=lookup_timeout_s, retry=RetryPolicy(attempts=1))
+        self._transfers = KVStoreClient(url, token=token, timeout_s=transfer_timeout_s)
+
+    def lookup(self, namespace: str, keys: list[bytes]) -> LookupResult:
+        return self._lookups.lookup(namespace, keys)
+
+    def get(self, namespace: str, keys: list[bytes]) -> list[bytes | None]:
+        return self._transfers.get(namespace, keys)
+
+    def put(self, namespace: str, blocks: list[tuple[bytes, bytes]], *, tiers: list[str] | None = None,
+            ttl_s: float | None = None) -> int:
+        return self._transfers.put(namespace, blocks, tiers=tiers, ttl_s=ttl_s)
+
+    def stats(self) -> dict[str, dict[str, TierUsage]]:
+        return self._transfers.stats()
+
+    def health(self) -> dict[str, bool]:
+        return self._transfers.health()
+
+    def close(self) -> None:
+        self._lookups.close()
+        self._transfers.close()
+
+
 def open_store(cfg: OffloadConfig) -> BlockStore:
     """Connect and check that every tier answers; a tier that does not is a start-up error."""
     if cfg.kvstore_url:
-        from kvstore.client import KVStoreClient
-
         token = cfg.auth_token.get_secret_value() if cfg.auth_token else None
         if token is None and cfg.auth_token_env:
             token = os.environ.get(cfg.auth_token_env)
-        store = KVStoreClient(cfg.kvstore_url, token=token, timeout_s=cfg.load_timeout_s)
+        store = DaemonStore(cfg.kvstore_url, token, cfg.lookup_timeout_s, cfg.load_timeout_s)
         try:
             health = store.health()
         except Exception as e:

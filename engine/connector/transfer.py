@@ -3,7 +3,9 @@
 Save: one gather packs the pages of every block completed this step into a staging buffer, an
 async device-to-host copy on a side stream lands it in pinned host memory, and a background
 sender hands it to the store. The queue is bounded by a fixed ring of host slots: when the store
-is slow, the newest saves are dropped and counted, and the step never waits.
+is slow, the newest saves are dropped and counted, and the step never waits. The gather runs on
+the compute stream, so it reads the pages before any later forward can reuse them (a page freed
+at the end of this step may be handed to another request in the next one).
 
 Load: a background fetcher reads the blocks from the store into host memory; the engine thread
 then copies them into their pages with one scatter at the start of a step, so the copy is ordered
@@ -74,7 +76,6 @@ class BlockTransfer:
         self._loads: queue.Queue = queue.Queue()
         self._loaded: queue.Queue = queue.Queue()
         self._pending_loads: dict[str, LoadJob] = {}
-        self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._send_loop, name="kv-save", daemon=True),
                          threading.Thread(target=self._fetch_loop, name="kv-load", daemon=True)]
         for t in self._threads:
@@ -112,9 +113,9 @@ class BlockTransfer:
         ids = torch.tensor(page_ids, dtype=torch.int64, device=self.kv_cache.device)
         event = None
         if self.cuda:
+            packed = gather_blocks(self.kv_cache, ids).view(len(slot_ids), -1).view(torch.uint8)
             self._side_stream.wait_stream(torch.cuda.current_stream(self.kv_cache.device))
             with torch.cuda.stream(self._side_stream):
-                packed = gather_blocks(self.kv_cache, ids).view(len(slot_ids), -1).view(torch.uint8)
                 for row, slot in enumerate(slot_ids):
                     self._slots[slot].copy_(packed[row], non_blocking=True)
                 event = torch.cuda.Event()
@@ -128,30 +129,48 @@ class BlockTransfer:
         self._saves.put((staged, slot_ids, payload, rows, event))
 
     def _send_loop(self) -> None:
-        while not self._stop.is_set():
+        while True:
             item = self._saves.get()
-            if item is None:
-                return
-            staged, slot_ids, payload, rows, event = item
-            if event is not None:
-                event.synchronize()
-            it = iter(rows)
             try:
-                for job, _ in staged:
-                    blocks = [(key, payload[next(it)].numpy().tobytes()) for key in job.keys]
-                    start = time.perf_counter()
-                    try:
-                        stored = self.store.put(self.namespace, blocks, tiers=job.tiers, ttl_s=job.ttl_s)
-                    except Exception as e:  # noqa: BLE001 - a failed save is skipped, never fatal
-                        self.metrics.inc(self.metrics.store_errors, op="put")
-                        logger.warning("saving %d block(s) to the store failed: %s", len(blocks), e)
-                        continue
-                    self.metrics.observe(self.metrics.save_seconds, time.perf_counter() - start)
-                    self.metrics.inc(self.metrics.saved_blocks, stored)
-                    self.metrics.inc(self.metrics.bytes_saved, stored * self.block_bytes)
+                if item is None:
+                    return
+                self._send(*item)
             finally:
-                for s in slot_ids:
-                    self._free_slots.put(s)
+                self._saves.task_done()
+
+    def _send(self, staged: list[tuple[SaveJob, list[int]]], slot_ids: list[int], payload: torch.Tensor,
+              rows: list[int], event) -> None:
+        if event is not None:
+            event.synchronize()
+        it = iter(rows)
+        try:
+            for job, _ in staged:
+                blocks = [(key, payload[next(it)].numpy().tobytes()) for key in job.keys]
+                start = time.perf_counter()
+                try:
+                    stored = self.store.put(self.namespace, blocks, tiers=job.tiers, ttl_s=job.ttl_s)
+                except Exception as e:  # noqa: BLE001 - a failed save is skipped, never fatal
+                    self.metrics.inc(self.metrics.store_errors, op="put")
+                    logger.warning("saving %d block(s) to the store failed: %s", len(blocks), e)
+                    continue
+                if stored < len(blocks):  # every tier it was meant for refused it (down, full)
+                    self.metrics.inc(self.metrics.store_errors, op="put")
+                    logger.warning("the store kept %d of %d block(s)", stored, len(blocks))
+                self.metrics.observe(self.metrics.save_seconds, time.perf_counter() - start)
+                self.metrics.inc(self.metrics.saved_blocks, stored)
+                self.metrics.inc(self.metrics.bytes_saved, stored * self.block_bytes)
+        finally:
+            for s in slot_ids:
+                self._free_slots.put(s)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every staged save has reached the store (or failed); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._saves.unfinished_tasks:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     # --- load -----------------------------------------------------------------------------------
     def start_load(self, job: LoadJob) -> None:
@@ -166,7 +185,7 @@ class BlockTransfer:
         return len(self._pending_loads)
 
     def _fetch_loop(self) -> None:
-        while not self._stop.is_set():
+        while True:
             job = self._loads.get()
             if job is None:
                 return
@@ -221,8 +240,11 @@ class BlockTransfer:
             self.metrics.observe(self.metrics.load_seconds, time.perf_counter() - job.started)
             results.append(LoadResult(job.request_id, n))
 
-    def close(self) -> None:
-        self._stop.set()
+    def close(self, drain_timeout: float = 10.0) -> None:
+        """Send the saves already staged (up to `drain_timeout` s), then stop both threads."""
+        if not self.flush(drain_timeout):
+            logger.warning("closing with %d save batch(es) not yet sent; they are dropped",
+                           self._saves.unfinished_tasks)
         self._saves.put(None)
         self._loads.put(None)
         for t in self._threads:
