@@ -14,6 +14,7 @@ from pathlib import Path
 from engine.llm import LLM
 from engine.sampling.params import SamplingParams
 from kvstore.config import parse_store_config
+from kvstore.keys import chain_hash
 from kvstore.server import serve
 from kvstore.store import TieredStore
 
@@ -107,3 +108,28 @@ class GatedStore(TieredStore):
         self.entered.set()
         self.release.wait(timeout=30)
         return super().get(namespace, keys)
+
+
+def block_keys(llm: LLM, prompt: list[int]) -> list[bytes]:
+    """The store keys of the prompt's full 256-token blocks: the chained hash of each block's last
+    16-token page, seeded by the engine's model namespace (shared/DESIGN.md, Keys)."""
+    core = llm.engine.core
+    page = core.config.block_size
+    parent, page_keys = core.namespace.digest(), []
+    for start in range(0, len(prompt) - page + 1, page):
+        parent = chain_hash(parent, prompt[start:start + page])
+        page_keys.append(parent)
+    return page_keys[BLOCK // page - 1::BLOCK // page]
+
+
+def blocks_held(llm: LLM) -> dict[str, int]:
+    """tier name -> blocks its connector's store holds in the engine's namespace."""
+    connector = llm.engine.core.connector
+    usage = connector.store.stats().get(connector.namespace, {})
+    return {tier: held.blocks for tier, held in usage.items() if held.blocks}
+
+
+def stored_prefix_blocks(llm: LLM, prompt: list[int]) -> int:
+    """How many leading blocks of `prompt` the engine's store reports (one Lookup)."""
+    connector = llm.engine.core.connector
+    return connector.store.lookup(connector.namespace, block_keys(llm, prompt)).num_hits
