@@ -39,6 +39,16 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
 
 
+@dataclass
+class StepRecord:
+    """What one step computed, for the benchmarks' roofline: tokens, sequences, and the context
+    tokens its attention reads (Σ over scheduled requests of their length after the step)."""
+
+    num_tokens: int
+    num_seqs: int
+    context_tokens: int
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,6 +81,7 @@ class EngineCore:
             max_model_len=self.max_model_len, eos_token_ids=self.model_config.eos_token_ids,
             connector=self.connector)
         self._rng = random.Random(config.seed)
+        self.step_records: list[StepRecord] | None = None  # the benchmarks switch it on with []
 
     def _make_connector(self) -> OffloadingConnector | None:
         if self.config.kv_transfer_config is None:
@@ -135,6 +146,10 @@ class EngineCore:
         block_tables = [self.kv.block_ids(sr.request.request_id) for sr in out.scheduled]
         batch, banned = self._sampling_batch(out)
         result = self.runner.execute(out, block_tables, batch, banned)
+        if self.step_records is not None:
+            self.step_records.append(StepRecord(
+                out.num_batched_tokens, len(out.scheduled),
+                sum(sr.start + sr.num_tokens for sr in out.scheduled)))
         if self.connector is not None:
             self.connector.save_step(out, self.kv.block_ids)
         updated = self.scheduler.update_from_output(out, result.token_ids)
