@@ -6,6 +6,11 @@ has a deadline; UNAVAILABLE and DEADLINE_EXCEEDED are retried with exponential b
 idempotent, a Put included). A Get block that fails its checksum comes back as a miss, never as bad bytes.
 
 URLs: `grpc://host:port` (plaintext) or `grpcs://host:port` (TLS; `root_certificates` trusts a private CA).
+
+`shm=True` or `"auto"` (auto: only when the URL names a loopback address) moves block bytes through a
+shared-memory segment when the daemon runs on the same host (kvstore/shm_client.py); blocks larger than
+a slot, and every call while the daemon refuses or the session is down, use the payload path.
+The asyncio client has no shared-memory path.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import urlsplit
 
 import grpc
@@ -23,6 +29,8 @@ import grpc
 from kvstore.auth import bearer_metadata
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.shm_client import ShmTransport, ShmUnavailable, is_local_host
+from kvstore.shm_segment import ShmSegment
 from kvstore.store import LookupResult, TierUsage
 from kvstore.streaming import CHUNK_BYTES, BlockAssembler, block_messages
 
@@ -30,6 +38,8 @@ log = logging.getLogger(__name__)
 
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _MAX_MESSAGE_BYTES = 256 << 20
+SHM_SLOT_BYTES = 8 << 20
+SHM_SLOTS = 16
 
 
 class KVStoreError(RuntimeError):
@@ -148,7 +158,9 @@ class KVStoreClient:
 
     def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 30.0,
                  retry: RetryPolicy = RetryPolicy(), root_certificates: bytes | None = None,
-                 chunk_bytes: int = CHUNK_BYTES):
+                 chunk_bytes: int = CHUNK_BYTES, shm: bool | Literal["auto"] = False,
+                 shm_slot_bytes: int = SHM_SLOT_BYTES, shm_slots: int = SHM_SLOTS,
+                 on_shm_segment: Callable[[ShmSegment], None] | None = None):
         target = Target.parse(url)
         self.timeout_s = timeout_s
         self._retry = retry
@@ -160,6 +172,16 @@ class KVStoreClient:
         else:
             self._channel = grpc.insecure_channel(target.address, options=_channel_options())
         self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._shm: ShmTransport | None = None
+        if shm is True or (shm == "auto" and is_local_host(target.address)):
+            self._shm = ShmTransport(self._stub, self._metadata, timeout_s, shm_slot_bytes, shm_slots, on_shm_segment)
+            if not self._shm.attach():
+                log.info("kvstore: shared memory refused (%s); using the payload path", self._shm.last_error)
+
+    @property
+    def shm(self) -> ShmTransport | None:
+        """The shared-memory path while a session is attached, else None."""
+        return self._shm if self._shm is not None and self._shm.active else None
 
     def lookup(self, namespace: str, keys: list[bytes]) -> LookupResult:
         request = pb.LookupRequest(namespace=namespace, keys=keys)
@@ -167,6 +189,12 @@ class KVStoreClient:
 
     def put(self, namespace: str, blocks: list[tuple[bytes, bytes]], *, tiers: list[str] | None = None,
             ttl_s: float | None = None) -> int:
+        if self._shm is not None and all(len(payload) <= self._shm.slot_bytes for _, payload in blocks):
+            try:
+                return self._call("PutShm", lambda t: self._shm.put(namespace, blocks, tiers, ttl_s, t))
+            except ShmUnavailable:
+                pass
+
         def attempt(timeout: float) -> int:
             requests = _put_requests(namespace, blocks, tiers, ttl_s, self._chunk_bytes)
             return self._stub.Put(requests, **self._opts(timeout)).stored
@@ -174,6 +202,20 @@ class KVStoreClient:
         return self._call("Put", attempt)
 
     def get(self, namespace: str, keys: list[bytes]) -> list[bytes | None]:
+        if self._shm is not None:
+            try:
+                results = self._call("GetShm", lambda t: self._shm.get(namespace, keys, t))
+            except ShmUnavailable:
+                return self._get_payloads(namespace, keys)
+            # Blocks larger than a slot (-1) come by the payload path.
+            large = [i for i, result in enumerate(results) if isinstance(result, int)]
+            if large:
+                for i, payload in zip(large, self._get_payloads(namespace, [keys[i] for i in large])):
+                    results[i] = payload
+            return results
+        return self._get_payloads(namespace, keys)
+
+    def _get_payloads(self, namespace: str, keys: list[bytes]) -> list[bytes | None]:
         request = pb.GetRequest(namespace=namespace, keys=keys)
 
         def attempt(timeout: float) -> list[bytes | None]:
@@ -199,6 +241,8 @@ class KVStoreClient:
         return _health(self._call("Stats", lambda t: self._stub.Stats(pb.StatsRequest(), **self._opts(t))))
 
     def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
         self._channel.close()
 
     def __enter__(self) -> "KVStoreClient":

@@ -18,10 +18,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvstore import metrics
 from kvstore.auth import TokenAuthInterceptor, token_from_env
+from kvstore.checksum import checksum
 from kvstore.config import StoreConfig
 from kvstore.limits import LimitError, Limits
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.shm_sessions import ShmError, ShmSessions
 from kvstore.store import TieredStore
 from kvstore.streaming import CHUNK_BYTES, BlockAssembler, block_messages
 
@@ -35,6 +37,8 @@ PUT_FLUSH_BYTES = 64 << 20
 GET_BATCH_KEYS = 16
 DEFAULT_WORKERS = 64
 HEALTH_POLL_S = 1.0
+_SHM_CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "unavailable": grpc.StatusCode.FAILED_PRECONDITION,
+              "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 def tier_service_name(tier: str) -> str:
@@ -45,10 +49,11 @@ def tier_service_name(tier: str) -> str:
 class KVStoreServicer(pb_grpc.KVStoreServicer):
     """Validates each request against the limits, then calls the store."""
 
-    def __init__(self, store: TieredStore, limits: Limits, tier_names: list[str]):
+    def __init__(self, store: TieredStore, limits: Limits, tier_names: list[str], shm: ShmSessions):
         self._store = store
         self._limits = limits
         self._tier_names = tier_names
+        self._shm = shm
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
         keys = self._checked(context, request.namespace, list(request.keys))
@@ -96,16 +101,16 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             batch.append((key, payload))
             batch_bytes += len(payload)
             if batch_bytes >= PUT_FLUSH_BYTES:
-                stored += self._store_batch(namespace, batch, tiers, ttl_s)
+                stored += self._store_batch(namespace, batch, tiers, ttl_s, "Put")
                 batch, batch_bytes = [], 0
         assembler.finish()
-        return stored + self._store_batch(namespace, batch, tiers, ttl_s)
+        return stored + self._store_batch(namespace, batch, tiers, ttl_s, "Put")
 
     def _store_batch(self, namespace: str, batch: list[tuple[bytes, bytes]], tiers: list[str] | None,
-                     ttl_s: float | None) -> int:
+                     ttl_s: float | None, method: str) -> int:
         if not batch:
             return 0
-        metrics.RPC_BYTES.labels(method="Put").inc(sum(len(payload) for _, payload in batch))
+        metrics.RPC_BYTES.labels(method=method).inc(sum(len(payload) for _, payload in batch))
         return self._store.put(namespace, batch, tiers=tiers, ttl_s=ttl_s)
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[pb.GetResponse]:
@@ -137,6 +142,84 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         tiers = [pb.TierHealth(tier=tier, up=up) for tier, up in self._store.health().items()]
         return pb.StatsResponse(usage=usage, tiers=tiers)
 
+    def AttachShm(self, request: pb.AttachShmRequest, context: grpc.ServicerContext) -> Iterator[pb.ShmSession]:
+        try:
+            session, nonce = self._shm.attach(request.name, request.size)
+        except ShmError as error:
+            _abort(context, _SHM_CODES[error.kind], str(error))
+        try:
+            # The call ends when the client cancels it or its connection dies: the segment goes with it.
+            if context.add_callback(session.ended.set):
+                yield pb.ShmSession(session_id=session.session_id, nonce=nonce)
+                session.ended.wait()
+        finally:
+            self._shm.detach(session.session_id)
+
+    def PutShm(self, request: pb.PutShmRequest, context: grpc.ServicerContext) -> pb.PutResponse:
+        header = request.header
+        ttl_s = header.ttl_s if header.HasField("ttl_s") else None
+        tiers = list(header.tiers) or None
+        try:
+            self._limits.check_namespace(header.namespace)
+            self._limits.check_tiers(tiers or [], self._tier_names)
+            self._limits.check_ttl(ttl_s)
+            self._limits.check_block_count(len(request.blocks))
+            session = self._shm.get(request.session_id)
+            for i, block in enumerate(request.blocks):
+                self._limits.check_key(block.key, i)
+                self._limits.check_block_size(block.length, i)
+                session.check_span(block.offset, block.length, f"blocks[{i}]")
+            with session.in_use():
+                return pb.PutResponse(stored=self._put_from_segment(session, request, tiers, ttl_s, context))
+        except LimitError as error:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except ShmError as error:
+            _abort(context, _SHM_CODES[error.kind], str(error))
+
+    def _put_from_segment(self, session, request: pb.PutShmRequest, tiers: list[str] | None, ttl_s: float | None,
+                          context: grpc.ServicerContext) -> int:
+        batch: list[tuple[bytes, bytes]] = []
+        batch_bytes = stored = 0
+        for i, block in enumerate(request.blocks):
+            payload = session.read(block.offset, block.length, f"blocks[{i}]")
+            if checksum(payload) != block.crc32:
+                _abort(context, grpc.StatusCode.DATA_LOSS,
+                       f"blocks[{i}]: crc32 mismatch, the segment did not hold the bytes the client declared; "
+                       f"{stored} earlier blocks were stored")
+            batch.append((block.key, payload))
+            batch_bytes += len(payload)
+            if batch_bytes >= PUT_FLUSH_BYTES:
+                stored += self._store_batch(request.header.namespace, batch, tiers, ttl_s, "PutShm")
+                batch, batch_bytes = [], 0
+        return stored + self._store_batch(request.header.namespace, batch, tiers, ttl_s, "PutShm")
+
+    def GetShm(self, request: pb.GetShmRequest, context: grpc.ServicerContext) -> pb.GetShmResponse:
+        keys = self._checked(context, request.namespace, [slot.key for slot in request.slots])
+        try:
+            session = self._shm.get(request.session_id)
+            for i, slot in enumerate(request.slots):
+                session.check_span(slot.offset, slot.capacity, f"slots[{i}]")
+            with session.in_use():
+                return pb.GetShmResponse(results=self._get_into_segment(session, request.namespace, keys,
+                                                                        list(request.slots)))
+        except ShmError as error:
+            _abort(context, _SHM_CODES[error.kind], str(error))
+
+    def _get_into_segment(self, session, namespace: str, keys: list[bytes], slots: list) -> list[pb.ShmHit]:
+        results = []
+        for first in range(0, len(keys), GET_BATCH_KEYS):
+            batch = keys[first : first + GET_BATCH_KEYS]
+            for i, payload in enumerate(self._store.get(namespace, batch), start=first):
+                if payload is None:
+                    results.append(pb.ShmHit())
+                elif len(payload) > slots[i].capacity:
+                    results.append(pb.ShmHit(too_large=True, length=len(payload)))
+                else:
+                    session.write(slots[i].offset, payload, f"slots[{i}]")
+                    metrics.RPC_BYTES.labels(method="GetShm").inc(len(payload))
+                    results.append(pb.ShmHit(hit=True, length=len(payload), crc32=checksum(payload)))
+        return results
+
     def _checked(self, context: grpc.ServicerContext, namespace: str, keys: list[bytes]) -> list[bytes]:
         try:
             self._limits.check_namespace(namespace)
@@ -157,6 +240,7 @@ class ServerHandle:
     port: int
     host: str
     store: TieredStore
+    shm: ShmSessions
     _server: grpc.Server
     _health: health.HealthServicer
     _owns_store: bool
@@ -174,6 +258,8 @@ class ServerHandle:
             return
         self._stopping.set()
         self._health.enter_graceful_shutdown()
+        # AttachShm streams last as long as their sessions: end them, or every stop waits out the grace.
+        self.shm.end_all()
         self._server.stop(grace_s).wait()
         if self._monitor is not None:
             self._monitor.join()
@@ -214,7 +300,9 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
                  ("grpc.max_send_message_length", max_message),
                  ("grpc.so_reuseport", 0)],
     )
-    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, Limits.from_config(cfg), tier_names), server)
+    # Each shm session holds one RPC thread (its AttachShm stream): keep half the pool for calls.
+    shm = ShmSessions(cfg.shm, min(cfg.shm_max_sessions, workers // 2))
+    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, Limits.from_config(cfg), tier_names, shm), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 
@@ -228,7 +316,7 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
-    handle = ServerHandle(port=bound, host=host, store=store, _server=server, _health=health_servicer,
+    handle = ServerHandle(port=bound, host=host, store=store, shm=shm, _server=server, _health=health_servicer,
                           _owns_store=owns_store)
     if metrics_port is not None:
         handle._metrics_http = metrics.start_metrics_server(metrics_port, host)

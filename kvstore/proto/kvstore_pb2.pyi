@@ -135,3 +135,79 @@ class StatsResponse(_message.Message):
     usage: _containers.RepeatedCompositeFieldContainer[TierUsage]
     tiers: _containers.RepeatedCompositeFieldContainer[TierHealth]
     def __init__(self, usage: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierHealth, _Mapping]]] = ...) -> None: ...
+
+class AttachShmRequest(_message.Message):
+    __slots__ = ("name", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class ShmSession(_message.Message):
+    __slots__ = ("session_id", "nonce")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    nonce: bytes
+    def __init__(self, session_id: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
+class ShmBlock(_message.Message):
+    __slots__ = ("key", "offset", "length", "crc32")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    offset: int
+    length: int
+    crc32: int
+    def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
+
+class PutShmRequest(_message.Message):
+    __slots__ = ("session_id", "header", "blocks")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    header: PutHeader
+    blocks: _containers.RepeatedCompositeFieldContainer[ShmBlock]
+    def __init__(self, session_id: _Optional[str] = ..., header: _Optional[_Union[PutHeader, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[ShmBlock, _Mapping]]] = ...) -> None: ...
+
+class ShmSlot(_message.Message):
+    __slots__ = ("key", "offset", "capacity")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    offset: int
+    capacity: int
+    def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
+
+class GetShmRequest(_message.Message):
+    __slots__ = ("session_id", "namespace", "slots")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    namespace: str
+    slots: _containers.RepeatedCompositeFieldContainer[ShmSlot]
+    def __init__(self, session_id: _Optional[str] = ..., namespace: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[ShmSlot, _Mapping]]] = ...) -> None: ...
+
+class ShmHit(_message.Message):
+    __slots__ = ("hit", "length", "crc32", "too_large")
+    HIT_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    TOO_LARGE_FIELD_NUMBER: _ClassVar[int]
+    hit: bool
+    length: int
+    crc32: int
+    too_large: bool
+    def __init__(self, hit: _Optional[bool] = ..., length: _Optional[int] = ..., crc32: _Optional[int] = ..., too_large: _Optional[bool] = ...) -> None: ...
+
+class GetShmResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ShmHit]
+    def __init__(self, results: _Optional[_Iterable[_Union[ShmHit, _Mapping]]] = ...) -> None: ...
