@@ -1,0 +1,69 @@
+"""GPU busy %: the fraction of wall time during engine steps when the GPU runs a kernel, a copy or a
+memset. The CPU overhead of the step loop (scheduling, input preparation, Python) shows up as the
+idle remainder: with async scheduling and CUDA graphs the GPU should never wait on the CPU.
+
+Measured with the torch profiler (CUPTI): the union of the device activity intervals inside the window
+from the first profiled step's start to the last one's end, over the window's length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+
+import torch
+
+STEP_MARK = "tierkv_bench_step"
+# Chrome-trace categories of work on the device; "gpu_user_annotation" spans are markers, not work.
+DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def busy_fraction(intervals: Iterable[tuple[float, float]], window: tuple[float, float]) -> float:
+    """Length of the union of `intervals` clipped to `window`, over the window's length."""
+    lo, hi = window
+    if hi <= lo:
+        raise ValueError(f"the window must have positive length, got {window}")
+    clipped = sorted((max(s, lo), min(e, hi)) for s, e in intervals if e > lo and s < hi)
+    busy = 0.0
+    cur_start = cur_end = None
+    for start, end in clipped:
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        busy += cur_end - cur_start
+    return busy / (hi - lo)
+
+
+def trace_intervals(trace: dict) -> tuple[list[tuple[float, float]], tuple[float, float]]:
+    """From a Chrome trace (the profiler's export): device work intervals and the step window (µs)."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    steps = [(e["ts"], e["ts"] + e["dur"]) for e in events
+             if e.get("name") == STEP_MARK and e.get("cat") != "gpu_user_annotation"]
+    if not steps:
+        raise ValueError(f"the trace holds no {STEP_MARK!r} spans")
+    work = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in DEVICE_WORK]
+    return work, (min(s for s, _ in steps), max(e for _, e in steps))
+
+
+def measure(step: Callable[[], object], num_steps: int) -> tuple[float, int]:
+    """Run `step` `num_steps` times under the profiler; return (busy fraction, device intervals seen)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(num_steps):
+            with record_function(STEP_MARK):
+                step()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory(prefix="tierkv-bench-trace-") as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    work, window = trace_intervals(trace)
+    return busy_fraction(work, window), len(work)
