@@ -183,6 +183,11 @@ class KVStoreClient:
         """The shared-memory path while a session is attached, else None."""
         return self._shm if self._shm is not None and self._shm.active else None
 
+    @property
+    def shm_error(self) -> str:
+        """Why the shared-memory path is off (the daemon's refusal), or "" while it is on or not asked for."""
+        return "" if self._shm is None or self._shm.active else self._shm.last_error
+
     def lookup(self, namespace: str, keys: list[bytes]) -> LookupResult:
         request = pb.LookupRequest(namespace=namespace, keys=keys)
         return _lookup_result(self._call("Lookup", lambda t: self._stub.Lookup(request, **self._opts(t))))

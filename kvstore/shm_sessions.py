@@ -89,7 +89,7 @@ class ShmSession:
         """The bytes of [offset, offset + length); bounds were checked by `check_span`."""
         data = os.pread(self.fd, length, offset)
         if len(data) != length:
-            raise ShmError("invalid", f"{what}: the segment holds only {offset + len(data)} bytes "
+            raise ShmError("invalid", f"{what}: the segment holds only {os.fstat(self.fd).st_size} bytes "
                                       f"(it was truncated after attaching)")
         return data
 
