@@ -182,7 +182,10 @@ class OffloadingConnector:
             state = self._requests.get(sr.request.request_id)
             if state is None or not state.decision.save:
                 continue
-            full = (sr.start + sr.num_tokens) // self.block_size
+            # With async scheduling a step computes the KV of a token the host has not read back
+            # yet, so the block it completes has no key until a later step: save it then.
+            full = min((sr.start + sr.num_tokens) // self.block_size,
+                       len(sr.request.block_hashes) // self.pages_per_block)
             first = max(state.blocks_saved, state.blocks_in_store)
             if full > first:
                 pages = page_ids_of(sr.request.request_id)
