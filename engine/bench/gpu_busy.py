@@ -52,14 +52,20 @@ def trace_intervals(trace: dict) -> tuple[list[tuple[float, float]], tuple[float
 
 
 def measure(step: Callable[[], object], num_steps: int) -> tuple[float, int]:
-    """Run `step` `num_steps` times under the profiler; return (busy fraction, device intervals seen)."""
+    """Run `step` `num_steps` times under the profiler; return (busy fraction, device intervals seen).
+
+    Without CUDA only the CPU is profiled: the fraction is 0 (nothing runs on a device).
+    """
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    on_cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
         for _ in range(num_steps):
             with record_function(STEP_MARK):
                 step()
-        torch.cuda.synchronize()
+        if on_cuda:
+            torch.cuda.synchronize()
     with tempfile.TemporaryDirectory(prefix="tierkv-bench-trace-") as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)

@@ -49,8 +49,11 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, copy_bytes: int =
                      matmul_size: int | None = None, repeats: int = 5) -> Hardware:
     """Best-of-`repeats` device copy bandwidth and square-matmul FLOP/s on `device`."""
     matmul_size = matmul_size or (8192 if device.type == "cuda" else 1024)
-    return Hardware(str(device), copy_bandwidth(device, copy_bytes, repeats),
-                    matmul_flops(device, dtype, matmul_size, repeats))
+    hw = Hardware(str(device), copy_bandwidth(device, copy_bytes, repeats),
+                  matmul_flops(device, dtype, matmul_size, repeats))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the engine's KV pool is sized from the memory left free
+    return hw
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float:

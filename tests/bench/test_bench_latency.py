@@ -85,3 +85,16 @@ def test_trace_intervals_take_device_work_inside_the_step_window():
     assert busy_fraction(work, window) == 0.5
     with pytest.raises(ValueError, match=STEP_MARK):
         trace_intervals({"traceEvents": []})
+
+
+def test_measure_finds_the_step_window_in_a_real_profiler_trace():
+    import torch
+
+    from engine.bench.gpu_busy import measure
+
+    if torch.cuda.is_available():
+        pytest.skip("on CPU only: with CUDA the fraction is not known in advance")
+    calls = []
+    fraction, intervals = measure(lambda: calls.append(torch.ones(256).sum()), 3)
+    assert len(calls) == 3
+    assert (fraction, intervals) == (0.0, 0)
