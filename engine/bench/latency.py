@@ -81,13 +81,15 @@ def run(args: argparse.Namespace) -> int:
         elif busy_wanted:
             label = "async+graphs" if args.compare_async else _mode_label(args)
             busy.append(_measure_busy(llm, max(sizes), args, label))
-        llm = _release(llm, device)
+        common.close_engine(llm)
+        del llm  # the last reference: the second engine sizes its KV pool from the memory freed here
+        common.release_memory(device)
         if args.compare_async and device.type == "cuda":
             llm = LLM(**common.engine_kwargs(args, path, random_weights, dtype, max_model_len,
                                              async_scheduling=False, enforce_eager=True))
             _warm_up(llm, args)
             busy.append(_measure_busy(llm, max(sizes), args, "sync+eager"))
-            llm = _release(llm, device)
+            common.close_engine(llm)
     result = {
         "config": {"model": common.model_label(args), "device": str(device), "dtype": dtype,
                    "input_len": args.input_len, "output_len": args.output_len, "batch_sizes": sizes,
@@ -115,13 +117,6 @@ def _phase(text: str) -> None:
 def _mode_label(args: argparse.Namespace) -> str:
     return (f"{'sync' if args.no_async_scheduling else 'async'}+"
             f"{'eager' if args.enforce_eager else 'graphs'}")
-
-
-def _release(llm, device) -> None:
-    common.close_engine(llm)
-    del llm
-    common.release_memory(device)
-    return None
 
 
 def _params(max_tokens: int) -> SamplingParams:
