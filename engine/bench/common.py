@@ -8,8 +8,8 @@ import json
 import os
 import random
 import tempfile
-from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 

@@ -3,15 +3,12 @@ device in the same dtype, decoding greedily with `generate`."""
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from engine.bench.common import release_memory, synchronize
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
