@@ -30,7 +30,7 @@ from kvstore.auth import bearer_metadata
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.shm_client import ShmTransport, ShmUnavailable, is_local_host
-from kvstore.shm_segment import ShmSegment
+from kvstore.shm_segment import ShmSegment, SlotLease
 from kvstore.store import LookupResult, TierUsage
 from kvstore.streaming import CHUNK_BYTES, BlockAssembler, block_messages
 
@@ -219,6 +219,24 @@ class KVStoreClient:
                     results[i] = payload
             return results
         return self._get_payloads(namespace, keys)
+
+    def put_slots(self, namespace: str, lease: SlotLease, blocks: list[tuple[bytes, int]], *,
+                  tiers: list[str] | None = None, ttl_s: float | None = None) -> int:
+        """Store blocks the caller wrote into the slots of `lease` (from `client.shm.segment()`):
+        `blocks[j] = (key, length)` lies in slot j. Raises ShmUnavailable when the session is gone."""
+        transport = self._shm_transport()
+        return self._call("PutShm", lambda t: transport.put_slots(namespace, lease, blocks, tiers, ttl_s, t))
+
+    def get_slots(self, namespace: str, lease: SlotLease, keys: list[bytes]) -> list[int | None]:
+        """Fetch `keys[j]` into slot j of `lease`: per key its verified length, None for a miss, -1 for
+        a block larger than a slot. Raises ShmUnavailable when the session is gone."""
+        transport = self._shm_transport()
+        return self._call("GetShm", lambda t: transport.get_slots(namespace, lease, keys, t))
+
+    def _shm_transport(self) -> ShmTransport:
+        if self._shm is None:
+            raise ShmUnavailable("this client was made without shm")
+        return self._shm
 
     def _get_payloads(self, namespace: str, keys: list[bytes]) -> list[bytes | None]:
         request = pb.GetRequest(namespace=namespace, keys=keys)

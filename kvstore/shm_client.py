@@ -121,6 +121,11 @@ class ShmTransport:
     def active(self) -> bool:
         return self._segment is not None
 
+    @property
+    def current_segment(self) -> ShmSegment | None:
+        """The attached segment, without trying to attach one (never blocks)."""
+        return self._segment
+
     def segment(self) -> ShmSegment:
         """The attached segment, attaching a new one if the last ended (and the backoff allows)."""
         segment = self._segment
@@ -192,8 +197,8 @@ class ShmTransport:
         """Store blocks of at most `slot_bytes` each, through the segment in windows of its slots."""
         segment = self.segment()
         stored = 0
-        for first in range(0, len(blocks), segment.num_slots):
-            window = blocks[first : first + segment.num_slots]
+        for first in range(0, len(blocks), self._window(segment)):
+            window = blocks[first : first + self._window(segment)]
             with self._lease(segment, len(window), timeout) as lease:
                 for j, (_, payload) in enumerate(window):
                     lease.view(j, len(payload))[:] = payload
@@ -205,12 +210,17 @@ class ShmTransport:
         """Payloads in key order; None for a miss, -1 for a block larger than a slot."""
         segment = self.segment()
         results: list[bytes | None | int] = []
-        for first in range(0, len(keys), segment.num_slots):
-            window = keys[first : first + segment.num_slots]
+        for first in range(0, len(keys), self._window(segment)):
+            window = keys[first : first + self._window(segment)]
             with self._lease(segment, len(window), timeout) as lease:
                 lengths = self.get_slots(namespace, lease, window, timeout)
                 results += [bytes(lease.view(j, n)) if n is not None and n >= 0 else n for j, n in enumerate(lengths)]
         return results
+
+    @staticmethod
+    def _window(segment: ShmSegment) -> int:
+        # Half the slots at most, so a copying call never waits for every lease others hold.
+        return max(1, segment.num_slots // 2)
 
     @staticmethod
     def _lease(segment: ShmSegment, count: int, timeout: float) -> SlotLease:

@@ -43,6 +43,12 @@ class SlotLease:
         start = self.offset(j)
         return self.segment.buffer_view[start : start + (self.segment.slot_bytes if length is None else length)]
 
+    def part(self, start: int, count: int) -> "SlotLease":
+        """Slots [start, start + count) of this lease as a lease of their own that releases nothing."""
+        part = SlotLease(self.segment, self.first + start, count)
+        part._released = True
+        return part
+
     @property
     def span(self) -> tuple[int, int]:
         """(offset, bytes) of the whole run."""

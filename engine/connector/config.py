@@ -8,6 +8,9 @@
    "policy": {"name": "save_all"}}}
 ```
 No `kvstore_url`: the same tiers run in-process (the embedded store).
+`kvstore_shm` ("auto" | true | false): move block bytes to and from the daemon through shared memory
+when it runs on this host (auto: when `kvstore_url` names a loopback address and the daemon accepts;
+true: always, and a refusal is a start-up error; false: always the gRPC payload path).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from kvstore.config import ConfigError, TierConfig, parse_bytes, parse_tiers
 
@@ -41,6 +44,7 @@ class OffloadConfig(_Strict):
     max_pending_saves: Annotated[int, Field(ge=1)] = 64
     lookup_timeout_s: Annotated[float, Field(gt=0)] = 1.0
     load_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    kvstore_shm: bool | Literal["auto"] = "auto"
 
     @field_validator("cpu_bytes_to_use", mode="before")
     @classmethod
@@ -53,6 +57,19 @@ class OffloadConfig(_Strict):
         if value is not None and not value.startswith(("grpc://", "grpcs://")):
             raise ValueError("expected grpc://host:port or grpcs://host:port")
         return value
+
+    @field_validator("kvstore_shm", mode="before")
+    @classmethod
+    def _shm(cls, value: Any) -> bool | str:
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError('expected "auto", true or false')
+
+    @model_validator(mode="after")
+    def _shm_needs_daemon(self) -> "OffloadConfig":
+        if self.kvstore_shm is True and self.kvstore_url is None:
+            raise ValueError("kvstore_shm: true needs a kvstore_url (the embedded store shares the engine's memory)")
+        return self
 
     @field_validator("policy")
     @classmethod

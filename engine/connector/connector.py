@@ -59,7 +59,7 @@ class OffloadingConnector:
         self.namespace = namespace
         self.policy = load_policy(offload.policy)
         self.metrics = ConnectorMetrics(model_name)
-        self.store = open_store(offload)
+        self.store = open_store(offload, self.pages_per_block * kv_cache[0].numel() * kv_cache.element_size())
         try:
             check_policy_tiers(self.policy, list(self.store.health()))
         except ConfigError:

@@ -11,6 +11,13 @@ Load: a background fetcher reads the blocks from the store into host memory; the
 then copies them into their pages with one scatter at the start of a step, so the copy is ordered
 before the forward that reads them (on a GPU: the same stream) and no page is written while a
 forward could be reading it.
+
+Same-host daemon (a shared-memory session, kvstore/shm_client.py): the host memory is the shared
+segment itself (registered as pinned on a GPU, engine/connector/pinned_segments.py). A save leases a
+run of slots, the D2H copy lands in them and only handles go to the daemon; a load leases slots, the
+daemon writes the blocks there and the H2D copy reads them in place. A lease is given back when the
+daemon answered (save) or the copy out of it finished (load), so neither side touches a slot the
+other is using. When no session is attached, the pinned ring and the payload path above are used.
 """
 
 from __future__ import annotations
@@ -20,15 +27,22 @@ import queue
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from engine.connector.metrics import ConnectorMetrics
-from engine.connector.store_backend import BlockStore
+from engine.connector.store_backend import SHM_LOAD_SLOTS, BlockStore
 from kernels import gather_blocks, scatter_blocks
+from kvstore.shm_client import ShmUnavailable
+from kvstore.shm_segment import ShmSegment, SlotLease
 
 logger = logging.getLogger(__name__)
+
+# How long a load waits for free shared-memory slots before it copies through the payload path.
+_LOAD_LEASE_WAIT_S = 1.0
 
 
 @dataclass
@@ -71,7 +85,11 @@ class BlockTransfer:
         self.cuda = kv_cache.is_cuda
         self._side_stream = torch.cuda.Stream(kv_cache.device) if self.cuda else None
         self._free_slots: queue.Queue[int] = queue.Queue()
-        self._slots = self._alloc_slots(max_pending_saves)
+        self._num_slots = max_pending_saves
+        for i in range(max_pending_saves):
+            self._free_slots.put(i)
+        self._slots: torch.Tensor | None = None   # the pinned ring, allocated on first use
+        self._copies_out: queue.Queue[tuple[object, SlotLease]] = queue.Queue()   # loads' H2D still reading a lease
         self._saves: queue.Queue = queue.Queue()
         self._loads: queue.Queue = queue.Queue()
         self._loaded: queue.Queue = queue.Queue()
@@ -81,17 +99,32 @@ class BlockTransfer:
         for t in self._threads:
             t.start()
 
-    def _alloc_slots(self, n: int) -> torch.Tensor | None:
-        for i in range(n):
-            self._free_slots.put(i)
-        if not self.cuda:
-            return None  # on CPU the gathered copy itself is the payload; slots only bound the queue
+    def _ring(self) -> torch.Tensor:
         # One pinned block per slot, so each D2H copy runs at full PCIe speed into memory we own.
-        return torch.empty((n, self.block_bytes), dtype=torch.uint8, pin_memory=True)
+        # Allocated on first use: with a shared-memory session the segment is the staging memory.
+        if self._slots is None:
+            self._slots = torch.empty((self._num_slots, self.block_bytes), dtype=torch.uint8, pin_memory=True)
+        return self._slots
+
+    def _segment(self) -> ShmSegment | None:
+        """The shared-memory segment if a session is attached and its slots hold one block each."""
+        transport = getattr(self.store, "shm", None)
+        segment = transport.current_segment if transport is not None else None
+        return segment if segment is not None and segment.slot_bytes == self.block_bytes else None
+
+    def _rows(self, lease: SlotLease) -> torch.Tensor:
+        """The lease's slots as a [count, block_bytes] uint8 tensor over the shared memory."""
+        offset, nbytes = lease.span
+        return torch.frombuffer(lease.segment.buffer, dtype=torch.uint8, count=nbytes,
+                                offset=offset).view(lease.count, self.block_bytes)
 
     # --- save -----------------------------------------------------------------------------------
     def save(self, jobs: list[SaveJob]) -> None:
         """Stage the blocks of `jobs` for the store without waiting for it; called after a step."""
+        segment = self._segment()
+        if segment is not None:
+            self._save_through(segment, jobs)
+            return
         staged: list[tuple[SaveJob, list[int]]] = []
         dropped = 0
         for job in jobs:
@@ -114,27 +147,72 @@ class BlockTransfer:
         event = None
         if self.cuda:
             packed = gather_blocks(self.kv_cache, ids).view(len(slot_ids), -1).view(torch.uint8)
+            ring = self._ring()
             self._side_stream.wait_stream(torch.cuda.current_stream(self.kv_cache.device))
             with torch.cuda.stream(self._side_stream):
                 for row, slot in enumerate(slot_ids):
-                    self._slots[slot].copy_(packed[row], non_blocking=True)
+                    ring[slot].copy_(packed[row], non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self._side_stream)
             packed.record_stream(self._side_stream)
-            payload = self._slots
+            payload = ring
             rows = slot_ids
         else:
             payload = gather_blocks(self.kv_cache, ids).view(len(slot_ids), -1).view(torch.uint8)
             rows = list(range(len(slot_ids)))
-        self._saves.put((staged, slot_ids, payload, rows, event))
+        self._saves.put(partial(self._send, staged, slot_ids, payload, rows, event))
+
+    def _save_through(self, segment: ShmSegment, jobs: list[SaveJob]) -> None:
+        """Gather the blocks straight into a run of shared-memory slots; the sender sends handles."""
+        wanted = sum(len(job.keys) for job in jobs)
+        lease = next((lease for count in range(min(wanted, segment.num_slots), 0, -1)
+                      if (lease := segment.acquire(count, timeout=0)) is not None), None)
+        room = lease.count if lease is not None else 0
+        staged: list[tuple[SaveJob, int]] = []
+        taken = 0
+        for job in jobs:
+            n = min(len(job.keys), room - taken)
+            if n <= 0:
+                break
+            staged.append((SaveJob(job.keys[:n], job.page_ids[:n * self.pages_per_block], job.tiers, job.ttl_s), taken))
+            taken += n
+        self.metrics.inc(self.metrics.dropped_saves, wanted - taken)
+        if not staged:
+            return
+        ids = torch.tensor([p for job, _ in staged for p in job.page_ids], dtype=torch.int64, device=self.kv_cache.device)
+        packed = gather_blocks(self.kv_cache, ids).view(taken, -1).view(torch.uint8)
+        rows = self._rows(lease)[:taken]
+        event = None
+        if self.cuda:
+            self._side_stream.wait_stream(torch.cuda.current_stream(self.kv_cache.device))
+            with torch.cuda.stream(self._side_stream):
+                rows.copy_(packed, non_blocking=True)   # one D2H copy into the pinned segment
+                event = torch.cuda.Event()
+                event.record(self._side_stream)
+            packed.record_stream(self._side_stream)
+        else:
+            rows.copy_(packed)
+        self._saves.put(partial(self._send_handles, staged, lease, event))
+
+    def _send_handles(self, staged: list[tuple[SaveJob, int]], lease: SlotLease, event) -> None:
+        if event is not None:
+            event.synchronize()
+        try:
+            for job, first in staged:
+                part = lease.part(first, len(job.keys))
+                blocks = [(key, self.block_bytes) for key in job.keys]
+                self._store_blocks(len(blocks), lambda: self.store.put_slots(self.namespace, part, blocks,
+                                                                             tiers=job.tiers, ttl_s=job.ttl_s))
+        finally:
+            lease.release()
 
     def _send_loop(self) -> None:
         while True:
-            item = self._saves.get()
+            send = self._saves.get()
             try:
-                if item is None:
+                if send is None:
                     return
-                self._send(*item)
+                send()
             finally:
                 self._saves.task_done()
 
@@ -146,22 +224,27 @@ class BlockTransfer:
         try:
             for job, _ in staged:
                 blocks = [(key, payload[next(it)].numpy().tobytes()) for key in job.keys]
-                start = time.perf_counter()
-                try:
-                    stored = self.store.put(self.namespace, blocks, tiers=job.tiers, ttl_s=job.ttl_s)
-                except Exception as e:  # noqa: BLE001 - a failed save is skipped, never fatal
-                    self.metrics.inc(self.metrics.store_errors, op="put")
-                    logger.warning("saving %d block(s) to the store failed: %s", len(blocks), e)
-                    continue
-                if stored < len(blocks):  # every tier it was meant for refused it (down, full)
-                    self.metrics.inc(self.metrics.store_errors, op="put")
-                    logger.warning("the store kept %d of %d block(s)", stored, len(blocks))
-                self.metrics.observe(self.metrics.save_seconds, time.perf_counter() - start)
-                self.metrics.inc(self.metrics.saved_blocks, stored)
-                self.metrics.inc(self.metrics.bytes_saved, stored * self.block_bytes)
+                self._store_blocks(len(blocks), lambda: self.store.put(self.namespace, blocks, tiers=job.tiers,
+                                                                       ttl_s=job.ttl_s))
         finally:
             for s in slot_ids:
                 self._free_slots.put(s)
+
+    def _store_blocks(self, count: int, put: Callable[[], int]) -> None:
+        """Run one put of `count` blocks and count what came of it."""
+        start = time.perf_counter()
+        try:
+            stored = put()
+        except Exception as e:  # noqa: BLE001 - a failed save is skipped, never fatal
+            self.metrics.inc(self.metrics.store_errors, op="put")
+            logger.warning("saving %d block(s) to the store failed: %s", count, e)
+            return
+        if stored < count:  # every tier it was meant for refused it (down, full)
+            self.metrics.inc(self.metrics.store_errors, op="put")
+            logger.warning("the store kept %d of %d block(s)", stored, count)
+        self.metrics.observe(self.metrics.save_seconds, time.perf_counter() - start)
+        self.metrics.inc(self.metrics.saved_blocks, stored)
+        self.metrics.inc(self.metrics.bytes_saved, stored * self.block_bytes)
 
     def flush(self, timeout: float) -> bool:
         """Wait until every staged save has reached the store (or failed); False on timeout."""
@@ -189,25 +272,65 @@ class BlockTransfer:
             job = self._loads.get()
             if job is None:
                 return
+            self._reclaim_copied_leases()
+            segment = self._segment()
+            if segment is not None and len(job.keys) <= SHM_LOAD_SLOTS:
+                lease = segment.acquire(len(job.keys), timeout=_LOAD_LEASE_WAIT_S)
+                if lease is not None:
+                    try:
+                        self._loaded.put((job, *self._fetch_into(job, lease)))
+                        continue
+                    except ShmUnavailable:
+                        lease.release()   # the session ended: copy through the payload path
+            self._loaded.put((job, self._fetch_copy(job), None))
+
+    def _fetch_into(self, job: LoadJob, lease: SlotLease) -> tuple[torch.Tensor | None, SlotLease | None]:
+        """The daemon writes the blocks into the lease; the leading intact ones, in place."""
+        try:
+            lengths = self.store.get_slots(self.namespace, lease, job.keys)
+        except ShmUnavailable:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failed load is recomputed
+            self.metrics.inc(self.metrics.store_errors, op="get")
+            logger.warning("loading %d block(s) for %s failed: %s", len(job.keys), job.request_id, e)
+            lengths = []
+        intact = next((i for i, n in enumerate(lengths) if n != self.block_bytes), len(lengths))
+        if intact == 0:
+            lease.release()
+            return None, None
+        return self._rows(lease)[:intact], lease
+
+    def _reclaim_copied_leases(self) -> None:
+        """Give back the load leases whose host-to-device copies have finished (GPU only)."""
+        while True:
             try:
-                payloads = self.store.get(self.namespace, job.keys)
-            except Exception as e:  # noqa: BLE001 - a failed load is recomputed
-                self.metrics.inc(self.metrics.store_errors, op="get")
-                logger.warning("loading %d block(s) for %s failed: %s", len(job.keys), job.request_id, e)
-                payloads = []
-            intact = []
-            for payload in payloads:
-                if payload is None or len(payload) != self.block_bytes:
-                    break
-                intact.append(payload)
-            host = None
-            if intact:
-                host = torch.empty((len(intact), self.block_bytes), dtype=torch.uint8, pin_memory=self.cuda)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # read-only buffers: copied out at once
-                    for i, payload in enumerate(intact):
-                        host[i].copy_(torch.frombuffer(payload, dtype=torch.uint8))
-            self._loaded.put((job, host))
+                event, lease = self._copies_out.get_nowait()
+            except queue.Empty:
+                return
+            event.synchronize()
+            lease.release()
+
+    def _fetch_copy(self, job: LoadJob) -> torch.Tensor | None:
+        """The blocks by value (payload path), copied into fresh host memory."""
+        try:
+            payloads = self.store.get(self.namespace, job.keys)
+        except Exception as e:  # noqa: BLE001 - a failed load is recomputed
+            self.metrics.inc(self.metrics.store_errors, op="get")
+            logger.warning("loading %d block(s) for %s failed: %s", len(job.keys), job.request_id, e)
+            payloads = []
+        intact = []
+        for payload in payloads:
+            if payload is None or len(payload) != self.block_bytes:
+                break
+            intact.append(payload)
+        if not intact:
+            return None
+        host = torch.empty((len(intact), self.block_bytes), dtype=torch.uint8, pin_memory=self.cuda)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only buffers: copied out at once
+            for i, payload in enumerate(intact):
+                host[i].copy_(torch.frombuffer(payload, dtype=torch.uint8))
+        return host
 
     def wait_for_load(self, timeout: float) -> None:
         """Block until some load finishes (or `timeout`); lets an idle engine avoid spinning."""
@@ -222,10 +345,12 @@ class BlockTransfer:
         results = []
         while True:
             try:
-                job, host = self._loaded.get_nowait()
+                job, host, lease = self._loaded.get_nowait()
             except queue.Empty:
                 return results
             if self._pending_loads.pop(job.request_id, None) is None:
+                if lease is not None:
+                    lease.release()
                 continue  # aborted while loading
             n = 0 if host is None else host.shape[0]
             if n:
@@ -237,8 +362,20 @@ class BlockTransfer:
                 if len(pages):
                     scatter_blocks(self.kv_cache, pages, src.to(self.kv_cache.device, non_blocking=True))
                 self.metrics.inc(self.metrics.bytes_loaded, n * self.block_bytes)
+            if lease is not None:
+                self._give_back_after_copy(lease)
             self.metrics.observe(self.metrics.load_seconds, time.perf_counter() - job.started)
             results.append(LoadResult(job.request_id, n))
+
+    def _give_back_after_copy(self, lease: SlotLease) -> None:
+        """A load lease is free once the copy out of it is done: at once on CPU (the scatter is
+        synchronous); on a GPU when the H2D copy finishes, which the fetcher checks off the step's path."""
+        if not self.cuda:
+            lease.release()
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.kv_cache.device))
+        self._copies_out.put((event, lease))
 
     def close(self, drain_timeout: float = 10.0) -> None:
         """Send the saves already staged (up to `drain_timeout` s), then stop both threads."""
