@@ -10,19 +10,21 @@ import logging
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.config import EngineConfig
-from engine.connector.config import parse_kv_transfer_config
-from engine.connector.connector import OffloadingConnector
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.request import EngineRequest, Request, RequestStatus
 from engine.core.scheduler import Scheduler, SchedulerOutput, SchedulerStats
 from engine.models.config import ModelConfig, load_model_config
-from engine.runner.model_runner import ModelRunner, StepResult
+from engine.runner.model_runner import ModelRunner, StepHandle, StepResult
 from engine.sampling.sampler import SamplingBatch
 from kvstore.keys import Namespace
+
+if TYPE_CHECKING:
+    from engine.connector.connector import OffloadingConnector
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +83,17 @@ class EngineCore:
             max_model_len=self.max_model_len, eos_token_ids=self.model_config.eos_token_ids,
             connector=self.connector)
         self._rng = random.Random(config.seed)
+        # Async scheduling: the step enqueued on the device whose tokens are not read yet.
+        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self.step_records: list[StepRecord] | None = None  # the benchmarks switch it on with []
 
     def _make_connector(self) -> OffloadingConnector | None:
         if self.config.kv_transfer_config is None:
             return None
+        # Imported here: without offloading the engine needs neither gRPC nor the store's clients.
+        from engine.connector.config import parse_kv_transfer_config
+        from engine.connector.connector import OffloadingConnector
+
         cfg = parse_kv_transfer_config(self.config.kv_transfer_config)
         store_ns = kv_namespace(self.model_config, cfg.offload.block_size)
         return OffloadingConnector(cfg, self.runner.kv_cache, self.config.block_size,
@@ -131,27 +139,51 @@ class EngineCore:
         self.scheduler.abort(request_ids)
 
     def has_unfinished_requests(self) -> bool:
+        # A step still in flight whose requests all finished or were aborted has nothing left to
+        # report: the next step collects and discards it.
         return self.scheduler.has_unfinished_requests()
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
 
     def step(self) -> list[EngineCoreOutput]:
-        """Schedule, run the model once, and report each request's new token."""
+        """Schedule and enqueue a step, then report each request's new token.
+
+        With async scheduling the tokens reported are those of the previous step, read while this
+        one runs on the device; without it, this step's own.
+        """
+        outputs = []
+        if self._in_flight is not None and self._must_drain():
+            outputs = self._collect(*self._in_flight)
+            self._in_flight = None
         out = self.scheduler.schedule()
-        if out.is_empty:
-            if self.connector is not None and self.connector.has_pending_loads:
-                self.connector.wait_for_loads(timeout=0.05)
-            return []
-        block_tables = [self.kv.block_ids(sr.request.request_id) for sr in out.scheduled]
-        batch, banned = self._sampling_batch(out)
-        result = self.runner.execute(out, block_tables, batch, banned)
-        if self.step_records is not None:
-            self.step_records.append(StepRecord(
-                out.num_batched_tokens, len(out.scheduled),
-                sum(sr.start + sr.num_tokens for sr in out.scheduled)))
-        if self.connector is not None:
-            self.connector.save_step(out, self.kv.block_ids)
+        handle = None
+        if not out.is_empty:
+            batch, banned = self._sampling_batch(out)
+            handle = self.runner.execute(out, self.kv.block_ids, batch, banned)
+            if self.connector is not None:
+                self.connector.save_step(out, self.kv.block_ids)
+            if self.step_records is not None:
+                self.step_records.append(StepRecord(
+                    out.num_batched_tokens, len(out.scheduled), sum(sr.start + sr.num_tokens for sr in out.scheduled)))
+        elif self._in_flight is None and self.connector is not None and self.connector.has_pending_loads:
+            self.connector.wait_for_loads(timeout=0.05)
+        if self._in_flight is not None:
+            outputs += self._collect(*self._in_flight)
+            self._in_flight = None
+        if handle is not None:
+            if self.config.async_scheduling:
+                self._in_flight = (out, handle)
+            else:
+                outputs += self._collect(out, handle)
+        return outputs
+
+    def _must_drain(self) -> bool:
+        """Penalties count every output token on the host: their rows need the in-flight token first."""
+        return any(r.sampling_params.uses_penalties for r in self.scheduler.running)
+
+    def _collect(self, out: SchedulerOutput, handle: StepHandle) -> list[EngineCoreOutput]:
+        result = handle.result()
         updated = self.scheduler.update_from_output(out, result.token_ids)
         return self._outputs(out, result, updated)
 
@@ -160,13 +192,13 @@ class EngineCore:
         if not rows:
             return None, []
         batch = SamplingBatch.build(
-            [r.sampling_params for r in rows], [r.seed for r in rows], [r.num_output_tokens for r in rows],
+            [r.sampling_params for r in rows], [r.seed for r in rows], [r.num_planned_outputs - 1 for r in rows],
             [r.prompt_token_ids for r in rows], [r.output_token_ids for r in rows],
             self.model_config.vocab_size, self.device)
         banned = []
         for i, r in enumerate(rows):
             params = r.sampling_params
-            if r.num_output_tokens < params.min_tokens:
+            if r.num_planned_outputs - 1 < params.min_tokens:
                 stop_ids = list(params.stop_token_ids or [])
                 if not params.ignore_eos:
                     stop_ids += self.model_config.eos_token_ids

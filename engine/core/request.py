@@ -57,6 +57,9 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.num_computed_tokens = 0
+        # Tokens sampled by steps still in flight on the device (async scheduling): the scheduler
+        # plans with them, the CPU appends them when their step's results are read.
+        self.num_pending_outputs = 0
         self.num_cached_tokens = -1  # prefix hit at first admission; -1 = not yet admitted
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
@@ -69,6 +72,15 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_planned_tokens(self) -> int:
+        """Known tokens plus those already sampled on the device but not yet read back."""
+        return len(self.all_token_ids) + self.num_pending_outputs
+
+    @property
+    def num_planned_outputs(self) -> int:
+        return len(self.output_token_ids) + self.num_pending_outputs
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -10,6 +10,12 @@ With an offloading connector, a request whose prefix the store holds beyond the 
 hit gets its pages at admission and waits (WAITING_FOR_KV, using no token budget) while they load
 in the background; other requests keep running. When the load is done it joins the running
 requests and computes only the tokens after what was loaded.
+
+Async scheduling: a step is planned while the previous one still runs on the device. Scheduling a
+request advances its `num_computed_tokens` at once and counts the token its step will sample as
+pending (`Request.num_pending_outputs`); the next plan treats that token as known (its id reaches
+the next step's inputs on the device). `update_from_output` later appends the real token and
+applies stop conditions one step late: a token sampled after a stop is discarded.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     num_batched_tokens: int = 0
     preempted: list[str] = field(default_factory=list)
+    # Requests that finished or were aborted since the previous step was planned: the runner releases
+    # their device slots (and those of `preempted`) before placing this step's requests.
+    freed_request_ids: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -85,6 +94,7 @@ class Scheduler:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.computed_tokens = 0  # tokens run through the model, recomputation included
+        self._freed: list[str] = []
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -111,14 +121,18 @@ class Scheduler:
         return aborted
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(freed_request_ids=self._freed)
+        self._freed = []
         if self.connector is not None:
             self._admit_loaded()
         budget = self.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._reached_limit(request):
+                i += 1
+                continue
+            n = min(request.num_planned_tokens - request.num_computed_tokens, budget)
             if not self._allocate_or_preempt(request, n, out):
                 break
             self._add(out, request, n)
@@ -128,6 +142,8 @@ class Scheduler:
             return out
         while self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.max_num_seqs:
             request = self.waiting[0]
+            if request.num_pending_outputs:
+                break  # preempted while its last token was in flight: admit it once that token is known
             hits = self.kv.get_computed_blocks(request)
             num_hit = len(hits) * self.kv.block_size
             to_load = self.connector.num_tokens_to_load(request, num_hit) if self.connector else 0
@@ -189,33 +205,43 @@ class Scheduler:
         self.waiting.appendleft(request)
         logger.debug("preempted %s (%d tokens) for lack of KV blocks", request.request_id, request.num_tokens)
 
+    def _reached_limit(self, request: Request) -> bool:
+        """Every token the request may produce is already sampled and only waits to be read."""
+        return request.num_pending_outputs > 0 and (
+            request.num_planned_outputs >= request.max_tokens or request.num_planned_tokens >= self.max_model_len)
+
     def _add(self, out: SchedulerOutput, request: Request, n: int) -> None:
         start = request.num_computed_tokens
-        sample = start + n == request.num_tokens
+        sample = start + n == request.num_planned_tokens
+        request.num_computed_tokens = start + n
+        if sample:
+            request.num_pending_outputs += 1
         out.scheduled.append(ScheduledRequest(request, start, n, sample))
         out.num_batched_tokens += n
         self.computed_tokens += n
 
     def update_from_output(self, out: SchedulerOutput, sampled: list[int]) -> list[Request]:
-        """Advance each scheduled request; `sampled` holds one token per sampling request, in order.
+        """Take in a step's sampled tokens, one per sampling request of `out`, in order.
 
-        Returns the requests that got a new token (finished ones included, blocks freed).
+        Returns the requests that got a new token (finished ones included, blocks freed). A request
+        that finished or was aborted after this step was planned gets nothing: its token is discarded.
         """
         updated = []
         it = iter(sampled)
         for sr in out.scheduled:
-            request = sr.request
-            token = next(it) if sr.sample else None
-            if request.status != RequestStatus.RUNNING:
-                continue  # aborted while its step ran
-            request.num_computed_tokens = sr.start + sr.num_tokens
-            if token is None:
+            if not sr.sample:
                 continue
+            token = next(it)
+            request = sr.request
+            if request.status.finished:
+                continue
+            request.num_pending_outputs -= 1
             request.append_output_token(token)
             self.generation_tokens += 1
             status = self._check_stop(request, token)
             if status is not None:
-                self.running.remove(request)
+                # A request preempted while this step ran waits in the queue; it can finish there.
+                (self.running if request.status == RequestStatus.RUNNING else self.waiting).remove(request)
                 self._finish(request, status)
             updated.append(request)
         return updated
@@ -234,6 +260,7 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
+        self._freed.append(request.request_id)
         self.kv.free(request)
         if self.connector is not None:
             self.connector.request_finished(request.request_id)

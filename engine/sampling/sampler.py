@@ -67,21 +67,22 @@ class SamplingBatch:
         top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
         min_p = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
 
-        def f32(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
-
+        floats = _to_device([[p.temperature for p in params], top_p, min_p,
+                             [p.presence_penalty for p in params], [p.frequency_penalty for p in params],
+                             [p.repetition_penalty for p in params]], torch.float32, device)
+        ints = _to_device([top_k, [_to_int64(s) for s in seeds], output_pos], torch.int64, device)
         penalised = any(p.uses_penalties for p in params)
         repetition = any(p.repetition_penalty != 1.0 for p in params)
         return SamplingBatch(
-            temperature=f32([p.temperature for p in params]),
-            top_k=torch.tensor(top_k, dtype=torch.int32, device=device),
-            top_p=f32(top_p),
-            min_p=f32(min_p),
-            seeds=torch.tensor([_to_int64(s) for s in seeds], dtype=torch.int64, device=device),
-            output_pos=torch.tensor(output_pos, dtype=torch.int64, device=device),
-            presence_penalty=f32([p.presence_penalty for p in params]),
-            frequency_penalty=f32([p.frequency_penalty for p in params]),
-            repetition_penalty=f32([p.repetition_penalty for p in params]),
+            temperature=floats[0],
+            top_k=ints[0].to(torch.int32),
+            top_p=floats[1],
+            min_p=floats[2],
+            seeds=ints[1],
+            output_pos=ints[2],
+            presence_penalty=floats[3],
+            frequency_penalty=floats[4],
+            repetition_penalty=floats[5],
             output_token_counts=(
                 token_counts(output_ids, vocab_size, device) if penalised else None
             ),
@@ -211,6 +212,15 @@ def token_counts(
     index = (rows * vocab_size + flat).to(device)
     ones = torch.ones(flat.numel(), dtype=torch.int32, device=device)
     return counts.view(-1).index_add_(0, index, ones).view(len(token_ids), vocab_size)
+
+
+def _to_device(rows: list[list], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """One host-to-device copy of a small table; pinned and non-blocking on CUDA, so a step in
+    flight is never waited for (a pageable copy would synchronise the stream)."""
+    table = torch.tensor(rows, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        table = table.pin_memory()
+    return table.to(device, non_blocking=True)
 
 
 def _to_int64(seed: int) -> int:
