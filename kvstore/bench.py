@@ -134,16 +134,20 @@ def _bench_single_tier(tier_cfg: TierConfig, block_sizes: list[int], blocks: int
         return results
 
 
-def bench_daemon(client, block_sizes: list[int], blocks: int, batch: int) -> list[BenchResult]:
-    """Each tier the daemon reports up, written through alone and read back through the daemon."""
+def bench_daemon(clients: dict[str, object], block_sizes: list[int], blocks: int, batch: int) -> list[BenchResult]:
+    """Each tier the daemon reports up, written through alone and read back through the daemon,
+    once per client (mode name -> client: e.g. the payload path and the shared-memory path),
+    alternating per block size so that both modes see the same machine load."""
     results = []
-    for tier, up in client.health().items():
+    first = next(iter(clients.values()))
+    for tier, up in first.health().items():
         if not up:
             _progress(f"daemon {tier}: reported down, skipped")
             continue
         for size in block_sizes:
-            _progress(f"daemon {tier}: {blocks} blocks of {size >> 10} KiB ...")
-            results.append(bench_tier(client, "daemon", tier, size, blocks, batch, [tier]))
+            for mode, client in clients.items():
+                _progress(f"{mode} {tier}: {blocks} blocks of {size >> 10} KiB ...")
+                results.append(bench_tier(client, mode, tier, size, blocks, batch, [tier]))
     return results
 
 

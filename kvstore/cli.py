@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -54,10 +55,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from kvstore.client import KVStoreClient
 
         cfg = _load_config(args.config)
-        roots = cfg.tls_cert.read_bytes() if cfg.tls_cert else None
-        with KVStoreClient(args.url, token=token_from_env(cfg.auth_token_env), root_certificates=roots) as client:
-            results = bench.bench_daemon(client, block_sizes, args.blocks, args.batch)
+        options = {"token": token_from_env(cfg.auth_token_env),
+                   "root_certificates": cfg.tls_cert.read_bytes() if cfg.tls_cert else None}
+        with contextlib.ExitStack() as stack:
+            clients = {"daemon": stack.enter_context(KVStoreClient(args.url, **options))}
+            if args.shm:
+                # Two windows of `batch` slots: a call of `batch` blocks is one PutShm / GetShm.
+                shm = stack.enter_context(KVStoreClient(args.url, shm=True, shm_slot_bytes=max(block_sizes),
+                                                        shm_slots=2 * args.batch, **options))
+                if shm.shm is None:
+                    raise ValueError(f"--shm: the daemon refused shared memory ({shm.shm_error})")
+                clients["daemon-shm"] = shm
+            results = bench.bench_daemon(clients, block_sizes, args.blocks, args.batch)
     else:
+        if args.shm:
+            raise ValueError("--shm measures the shared-memory path to a daemon: give --url")
         results = bench.bench_in_process(_load_config(args.config), block_sizes, args.blocks, args.batch)
     if args.baseline:
         results += bench.bench_grpc_baseline(block_sizes, args.blocks, args.batch)
@@ -96,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=4, help="blocks per put/get call")
     bench.add_argument("--baseline", action="store_true",
                        help="also measure raw gRPC streaming of the same bytes on loopback (the daemon's ceiling)")
+    bench.add_argument("--shm", action="store_true",
+                       help="with --url: also measure the same-host shared-memory path (mode daemon-shm) beside "
+                            "the gRPC payload path (mode daemon), same tiers and block sizes, same run")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(run=cmd_bench)
 
