@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -314,3 +315,21 @@ def test_session_limit_is_resource_exhausted_then_payloads():
             assert first.shm is not None and second.shm is None
             assert "RESOURCE_EXHAUSTED" in second.shm_error
             assert second.put(NS, [(key(1), b"x")]) == 1 and first.get(NS, [key(1)]) == [b"x"]
+
+
+def test_bench_measures_shm_beside_payloads(tmp_path, capsys):
+    from kvstore.cli import main
+
+    out = tmp_path / "bench.json"
+    with running_daemon(promote_on_hit=False) as (_, url):
+        assert main(["bench", "--url", url, "--shm", "--block-sizes", "64KiB,1MiB", "--blocks", "4", "--batch", "2",
+                     "--json", str(out)]) == 0
+    rows = [(r["mode"], r["tier"], r["block_bytes"], r["bad_blocks"]) for r in json.loads(out.read_text())]
+    assert rows == [("daemon", "memory", 65536, 0), ("daemon-shm", "memory", 65536, 0),
+                    ("daemon", "memory", 1 << 20, 0), ("daemon-shm", "memory", 1 << 20, 0)]
+    assert "| daemon-shm | memory | 1 MiB | 4 x 2 |" in capsys.readouterr().out
+    with running_daemon(shm=False) as (_, url):
+        assert main(["bench", "--url", url, "--shm", "--block-sizes", "64KiB", "--blocks", "2"]) == 2
+    assert "--shm: the daemon refused shared memory (AttachShm: FAILED_PRECONDITION" in capsys.readouterr().err
+    assert main(["bench", "--shm", "--block-sizes", "64KiB", "--blocks", "2"]) == 2
+    assert "--shm measures the shared-memory path to a daemon: give --url" in capsys.readouterr().err
