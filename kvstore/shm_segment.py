@@ -135,8 +135,8 @@ class ShmSegment:
     def close(self) -> None:
         """Unlink and unmap; a mapping still exported (a tensor view) is freed with its last view."""
         self.unlink()
-        self.buffer_view.release()
         try:
+            self.buffer_view.release()
             self.buffer.close()
         except BufferError:
             log.debug("shm segment %s still has views; it is unmapped when they go", self.name)

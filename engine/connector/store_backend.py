@@ -84,8 +84,8 @@ class DaemonStore:
 
     def close(self) -> None:
         self._lookups.close()
+        self._pinned.close()   # unregister while the segment is still mapped
         self._transfers.close()
-        self._pinned.close()
 
 
 def open_store(cfg: OffloadConfig, block_bytes: int = 0) -> BlockStore:
