@@ -35,7 +35,7 @@ class LLM:
                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = self._params_for(len(prompts), sampling_params)
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        ids = [self.engine.add_request(p, sp, final_only=True) for p, sp in zip(prompts, params)]
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[Message] | list[list[Message]],

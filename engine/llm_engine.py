@@ -45,12 +45,12 @@ class LLMEngine:
         raise TypeError(f"a prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None,
-                    priority: int = 0, metadata: dict | None = None) -> str:
+                    priority: int = 0, metadata: dict | None = None, final_only: bool = False) -> str:
         request_id = request_id if request_id is not None else str(next(self._ids))
         text, token_ids = self.tokenize(prompt)
         req = EngineRequest(request_id, token_ids, params, priority=priority, metadata=metadata)
         self.core.add_request(req)
-        self.output_processor.add_request(request_id, text, token_ids, params, req.arrival_time)
+        self.output_processor.add_request(request_id, text, token_ids, params, req.arrival_time, final_only)
         return request_id
 
     def abort_request(self, request_ids: list[str]) -> None:

@@ -37,6 +37,7 @@ class _RequestState:
     last_token_time: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    final_only: bool = False  # the caller wants the finished output alone (the offline API)
 
 
 class OutputProcessor:
@@ -47,7 +48,8 @@ class OutputProcessor:
         self._states: dict[str, _RequestState] = {}
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams, arrival_time: float | None = None) -> None:
+                    params: SamplingParams, arrival_time: float | None = None, final_only: bool = False) -> None:
+        """Track a request; with `final_only`, `process` reports it once, when it finishes."""
         if self.tokenizer is None and params.stop:
             raise ValueError("stop strings need a tokenizer; this engine runs with skip_tokenizer_init")
         context = prompt_token_ids[-_CONTEXT_TOKENS:]
@@ -55,7 +57,7 @@ class OutputProcessor:
             request_id, prompt, list(prompt_token_ids), params, arrival_time or time.monotonic(),
             window=list(context), prefix_offset=0, read_offset=len(context),
             logprobs=[] if params.logprobs is not None else None,
-            cumulative_logprob=0.0 if params.logprobs is not None else None)
+            cumulative_logprob=0.0 if params.logprobs is not None else None, final_only=final_only)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Forget a request; returns its final output marked "abort" if it was known."""
@@ -84,7 +86,8 @@ class OutputProcessor:
                 to_abort.append(out.request_id)
             if state.finish_reason is None and out.finish_reason is not None:
                 state.finish_reason, state.stop_reason = out.finish_reason, out.stop_reason
-            results.append(self._make_output(state, out.num_cached_tokens))
+            if state.finish_reason is not None or not state.final_only:
+                results.append(self._make_output(state, out.num_cached_tokens))
             if state.finish_reason is not None:
                 del self._states[out.request_id]
         return results, to_abort

@@ -48,14 +48,13 @@ class ConnectorMetrics:
         return metric.labels(model_name=self._model, **labels)._value.get()
 
     def snapshot(self) -> dict[str, float]:
-        """Every counter sample as {"tierkv:offload_x{label=value}": value}, without the model label
-        (what tests, benchmarks and the engine-process helper report)."""
+        """Every counter as {"tierkv:offload_x{label=value}": value}, and each histogram's `_sum` and
+        `_count`, without the model label (what tests, benchmarks and the engine-process helper report)."""
         out: dict[str, float] = {}
         for family in self.registry.collect():
-            if family.type != "counter":
-                continue
+            kept = ("_total",) if family.type == "counter" else ("_sum", "_count")
             for sample in family.samples:
-                if not sample.name.endswith("_total"):
+                if not sample.name.endswith(kept) or not sample.value:
                     continue
                 labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model_name")
                 name = sample.name.removesuffix("_total")

@@ -160,7 +160,7 @@ class EngineCore:
         handle = None
         if not out.is_empty:
             batch, banned = self._sampling_batch(out)
-            handle = self.runner.execute(out, self.kv.block_ids, batch, banned)
+            handle = self.runner.execute(out, self.kv.blocks_of, batch, banned)
             if self.connector is not None:
                 self.connector.save_step(out, self.kv.block_ids)
             if self.step_records is not None:

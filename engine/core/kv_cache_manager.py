@@ -63,6 +63,12 @@ class KVCacheManager:
         within one forward every layer writes all K/V before attending, so a batch-mate that
         hits such a block in the same step reads correct values.
         """
+        if not new_computed_blocks and register:
+            blocks = self.req_blocks.get(request.request_id)
+            if blocks is not None and request.num_computed_tokens + num_new_tokens <= len(blocks) * self.block_size \
+                    and min(request.num_computed_tokens + num_new_tokens, request.num_tokens) < \
+                    (self._num_cached.get(request.request_id, 0) + 1) * self.block_size:
+                return True  # the common decode step: room in its last block, no block newly full
         new_computed_blocks = new_computed_blocks or []
         # Reused blocks sitting in the free queue count against the free budget when touched.
         reclaimed = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)

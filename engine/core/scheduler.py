@@ -121,8 +121,16 @@ class Scheduler:
         return aborted
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(freed_request_ids=self._freed)
-        self._freed = []
+        out = SchedulerOutput()
+        self._plan(out)
+        # Slots are released by the step that next reaches the runner; an empty plan never does.
+        if out.scheduled:
+            out.freed_request_ids, self._freed = self._freed, []
+        else:
+            self._freed.extend(out.preempted)
+        return out
+
+    def _plan(self, out: SchedulerOutput) -> None:
         if self.connector is not None:
             self._admit_loaded()
         budget = self.max_num_batched_tokens
@@ -139,7 +147,7 @@ class Scheduler:
             budget -= n
             i += 1
         if out.preempted:
-            return out
+            return
         while self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.max_num_seqs:
             request = self.waiting[0]
             if request.num_pending_outputs:
@@ -165,7 +173,6 @@ class Scheduler:
             self.running.append(request)
             self._add(out, request, n)
             budget -= n
-        return out
 
     def _admitted(self, request: Request, num_hit: int) -> None:
         self.waiting.popleft()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
+from engine.core.block_pool import KVBlock
 from engine.core.scheduler import SchedulerOutput
 from engine.models.attention import AttentionMetadata
 
@@ -62,7 +63,7 @@ class BatchState:
             if slot is not None:
                 self._free_slots.append(slot)
 
-    def prepare(self, out: SchedulerOutput, block_ids_of: Callable[[str], list[int]],
+    def prepare(self, out: SchedulerOutput, blocks_of: Callable[[str], list[KVBlock]],
                 num_tokens_padded: int | None = None) -> PreparedStep:
         """Upload this step's changes and build its flat inputs on the device."""
         self.release(out.freed_request_ids + out.preempted)
@@ -79,13 +80,13 @@ class BatchState:
                 new_slots.append(slot)
                 new_lens.append(request.num_tokens)
                 new_tokens.extend(request.all_token_ids)
-            blocks = block_ids_of(request.request_id)
+            blocks = blocks_of(request.request_id)
             done = self._blocks_uploaded[slot]
             if len(blocks) > done:
                 blk_slots.append(slot)
                 blk_cols.append(done)
                 blk_lens.append(len(blocks) - done)
-                blk_ids.extend(blocks[done:])
+                blk_ids.extend(b.block_id for b in blocks[done:])
                 self._blocks_uploaded[slot] = len(blocks)
             slots.append(slot)
             starts.append(sr.start)

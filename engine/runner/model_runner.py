@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig
+from engine.core.block_pool import KVBlock
 from engine.core.scheduler import SchedulerOutput
 from engine.models.attention import AttentionMetadata
 from engine.models.config import ModelConfig
@@ -150,7 +151,7 @@ class ModelRunner:
         return max(budget, 0)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, block_ids_of: Callable[[str], list[int]],
+    def execute(self, out: SchedulerOutput, blocks_of: Callable[[str], list[KVBlock]],
                 batch: SamplingBatch | None, banned: list[tuple[int, list[int]]] | None = None) -> StepHandle:
         """Enqueue one step: upload its changes, forward, sample, write sampled tokens back on the device.
 
@@ -161,7 +162,7 @@ class ModelRunner:
         decode = out.num_batched_tokens == len(out.scheduled) and all(sr.sample for sr in out.scheduled)
         if self.graphs is not None and decode:
             size = self.graphs.padded_size(len(out.scheduled))
-        step = self.state.prepare(out, block_ids_of, size)
+        step = self.state.prepare(out, blocks_of, size)
         if size is not None:
             logits = self.graphs.replay(step, size)
         else:

@@ -61,38 +61,35 @@ class SamplingBatch:
         ``seeds`` are the requests' seeds (any Python int, reduced to 64 bits);
         ``output_pos[i]`` is the index of the token being sampled within row i's output.
         """
-        greedy = [p.greedy for p in params]
-        # Greedy rows take the argmax of the penalised logits, so their filters are neutral.
-        top_k = [0 if g or p.top_k < 0 else p.top_k for p, g in zip(params, greedy)]
-        top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
-        min_p = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
-
-        floats = _to_device([[p.temperature for p in params], top_p, min_p,
-                             [p.presence_penalty for p in params], [p.frequency_penalty for p in params],
-                             [p.repetition_penalty for p in params]], torch.float32, device)
-        ints = _to_device([top_k, [_to_int64(s) for s in seeds], output_pos], torch.int64, device)
-        penalised = any(p.uses_penalties for p in params)
-        repetition = any(p.repetition_penalty != 1.0 for p in params)
+        # Requests of one batch usually share a few SamplingParams objects: convert each once.
+        unique = {id(p): p for p in params}
+        rows = {key: _param_row(p) for key, p in unique.items()}
+        floats = _to_device([rows[id(p)][0] for p in params], torch.float32, device).t()
+        ints = _to_device([[rows[id(p)][1] for p in params], [_to_int64(s) for s in seeds], output_pos],
+                          torch.int64, device)
+        penalised = any(p.uses_penalties for p in unique.values())
+        repetition = any(p.repetition_penalty != 1.0 for p in unique.values())
         return SamplingBatch(
-            temperature=floats[0],
+            temperature=floats[0].contiguous(),
             top_k=ints[0].to(torch.int32),
-            top_p=floats[1],
-            min_p=floats[2],
+            top_p=floats[1].contiguous(),
+            min_p=floats[2].contiguous(),
             seeds=ints[1],
             output_pos=ints[2],
-            presence_penalty=floats[3],
-            frequency_penalty=floats[4],
-            repetition_penalty=floats[5],
+            presence_penalty=floats[3].contiguous(),
+            frequency_penalty=floats[4].contiguous(),
+            repetition_penalty=floats[5].contiguous(),
             output_token_counts=(
                 token_counts(output_ids, vocab_size, device) if penalised else None
             ),
             prompt_token_mask=(
                 token_counts(prompt_ids, vocab_size, device) > 0 if repetition else None
             ),
-            max_num_logprobs=max((p.logprobs or 0 for p in params), default=0),
-            uses_min_p=any(p > 0.0 for p in min_p),
-            uses_top_k_top_p=any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p),
-            max_top_k=_candidate_count(top_k, top_p, vocab_size),
+            max_num_logprobs=max((p.logprobs or 0 for p in unique.values()), default=0),
+            uses_min_p=any(row[0][2] > 0.0 for row in rows.values()),
+            uses_top_k_top_p=any(row[1] > 0 or row[0][1] < 1.0 for row in rows.values()),
+            max_top_k=_candidate_count([row[1] for row in rows.values()], [row[0][1] for row in rows.values()],
+                                       vocab_size),
         )
 
 
@@ -212,6 +209,18 @@ def token_counts(
     index = (rows * vocab_size + flat).to(device)
     ones = torch.ones(flat.numel(), dtype=torch.int32, device=device)
     return counts.view(-1).index_add_(0, index, ones).view(len(token_ids), vocab_size)
+
+
+def _param_row(p: SamplingParams) -> tuple[list[float], int]:
+    """(temperature, top_p, min_p, presence, frequency, repetition), top_k of one request.
+
+    Greedy rows take the argmax of the penalised logits, so their filters are neutral.
+    """
+    g = p.greedy
+    top_k = 0 if g or p.top_k < 0 else p.top_k
+    floats = [p.temperature, 1.0 if g else p.top_p, 0.0 if g else p.min_p,
+              p.presence_penalty, p.frequency_penalty, p.repetition_penalty]
+    return floats, top_k
 
 
 def _to_device(rows: list[list], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
