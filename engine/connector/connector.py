@@ -170,8 +170,10 @@ class OffloadingConnector:
         return self.transfer.num_pending_loads > 0
 
     def record_prefill(self, request: Request, num_computed_tokens: int) -> None:
-        """Count the prompt tokens a request that consulted the store still has to compute."""
-        if request.request_id in self._requests:
+        """Count the prompt tokens a request that may load from the store still has to compute
+        (a request its policy or role keeps from loading never had the choice)."""
+        state = self._requests.get(request.request_id)
+        if state is not None and state.decision.load:
             self.metrics.inc(self.metrics.recomputed_tokens, max(0, request.num_prompt_tokens - num_computed_tokens))
 
     # --- saving ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ class ConnectorMetrics:
         self.hit_tokens = counter("tierkv:offload_hit_tokens", "Prompt tokens found in the store, by tier", ("tier",))
         self.loaded_tokens = counter("tierkv:offload_loaded_tokens", "Prompt tokens loaded from the store instead of computed")
         self.recomputed_tokens = counter("tierkv:offload_recomputed_tokens",
-                                         "Prompt tokens computed by requests that consulted the store")
+                                         "Prompt tokens computed by requests allowed to load from the store")
         self.failed_load_tokens = counter("tierkv:offload_failed_load_tokens",
                                           "Tokens the store reported but could not deliver (recomputed instead)")
         self.saved_blocks = counter("tierkv:offload_saved_blocks", "Blocks handed to the store")

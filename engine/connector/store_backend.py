@@ -95,6 +95,10 @@ def open_store(cfg: OffloadConfig, block_bytes: int = 0) -> BlockStore:
     transfers (`max_pending_saves` for saves plus SHM_LOAD_SLOTS for loads).
     """
     if cfg.kvstore_url:
+        ignored = [key for key in ("cpu_bytes_to_use", "secondary_tiers") if key in cfg.model_fields_set]
+        if ignored:
+            logger.warning("%s: %s ignored: with kvstore_url the daemon's own config sets its tiers",
+                           _KEY, " and ".join(ignored))
         token = cfg.auth_token.get_secret_value() if cfg.auth_token else None
         if token is None and cfg.auth_token_env:
             token = os.environ.get(cfg.auth_token_env)

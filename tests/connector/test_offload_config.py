@@ -10,7 +10,7 @@ import pytest
 
 from fixtures_services import free_port
 from kvstore.config import ConfigError
-from tests.connector.offload_helpers import REPO, kv_config, make_llm
+from tests.connector.offload_helpers import REPO, daemon_in_process, kv_config, make_llm
 
 EXTRA = "kv_transfer_config.kv_connector_extra_config"
 
@@ -65,3 +65,10 @@ def test_serve_refuses_to_start_with_a_bad_config(tiny_model):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode != 0
     assert f"{EXTRA}.polcy: unknown key" in proc.stderr
+
+
+def test_daemon_url_with_embedded_tier_keys_warns_that_they_are_ignored(tiny_model, caplog):
+    with daemon_in_process([{"type": "memory", "bytes": "16MiB"}]) as (url, _):
+        llm = make_llm(tiny_model, kv_config(kvstore_url=url, cpu_bytes_to_use="1GiB"))
+        llm.engine.core.close()
+    assert f"{EXTRA}: cpu_bytes_to_use ignored: with kvstore_url the daemon's own config sets its tiers" in caplog.text
