@@ -6,7 +6,7 @@ import triton.language as tl
 from torch import Tensor
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["layer"])
 def _write_kv_kernel(
     k_ptr, v_ptr, cache_ptr, slot_ptr, layer, block_size, num_heads, head_dim,
     stride_kt, stride_kh, stride_vt, stride_vh,

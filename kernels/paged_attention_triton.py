@@ -33,7 +33,9 @@ def _find_sequence(qsl_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# The layer and the sequence count change from call to call: specialising on their values (== 1,
+# divisible by 16) would compile new variants in the middle of serving, seconds each.
+@triton.jit(do_not_specialize=["layer", "num_seqs"])
 def _paged_attention_kernel(
     q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
     layer, num_seqs, qk_scale, block_size, head_dim,

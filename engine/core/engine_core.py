@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineCoreOutput:
     """What one step produced for one request."""
 
@@ -191,11 +191,14 @@ class EngineCore:
         rows = [sr.request for sr in out.scheduled if sr.sample]
         if not rows:
             return None, []
+        params = [r.sampling_params for r in rows]
         batch = SamplingBatch.build(
-            [r.sampling_params for r in rows], [r.seed for r in rows], [r.num_planned_outputs - 1 for r in rows],
+            params, [r.seed for r in rows], [r.num_planned_outputs - 1 for r in rows],
             [r.prompt_token_ids for r in rows], [r.output_token_ids for r in rows],
             self.model_config.vocab_size, self.device)
         banned = []
+        if not any(p.min_tokens for p in {id(p): p for p in params}.values()):
+            return batch, banned
         for i, r in enumerate(rows):
             params = r.sampling_params
             if r.num_planned_outputs - 1 < params.min_tokens:

@@ -25,6 +25,10 @@ class RequestStatus(enum.Enum):
                         RequestStatus.FINISHED_ABORTED)
 
 
+FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                      RequestStatus.FINISHED_ABORTED})
+
+
 @dataclass
 class EngineRequest:
     """What a front end hands the engine core: tokens in, parameters, and who asked."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.core.kv_cache_manager import KVCacheManager
-from engine.core.request import Request, RequestStatus
+from engine.core.request import FINISHED, Request, RequestStatus
 
 if TYPE_CHECKING:
     from engine.connector.connector import OffloadingConnector
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step: `num_tokens` tokens from `num_computed_tokens` on."""
 
@@ -137,10 +137,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if self._reached_limit(request):
+            if request.num_pending_outputs and self._reached_limit(request):
                 i += 1
                 continue
-            n = min(request.num_planned_tokens - request.num_computed_tokens, budget)
+            n = min(len(request.all_token_ids) + request.num_pending_outputs - request.num_computed_tokens, budget)
             if not self._allocate_or_preempt(request, n, out):
                 break
             self._add(out, request, n)
@@ -219,7 +219,7 @@ class Scheduler:
 
     def _add(self, out: SchedulerOutput, request: Request, n: int) -> None:
         start = request.num_computed_tokens
-        sample = start + n == request.num_planned_tokens
+        sample = start + n == len(request.all_token_ids) + request.num_pending_outputs
         request.num_computed_tokens = start + n
         if sample:
             request.num_pending_outputs += 1
@@ -240,7 +240,7 @@ class Scheduler:
                 continue
             token = next(it)
             request = sr.request
-            if request.status.finished:
+            if request.status in FINISHED:
                 continue
             request.num_pending_outputs -= 1
             request.append_output_token(token)

@@ -175,8 +175,7 @@ class ModelRunner:
         sampled = self.sampler(logits, batch)
         self.state.write_sampled(step, sampled.token_ids)
         tensors = {"token_ids": sampled.token_ids}
-        if batch.max_num_logprobs > 0 or any(sr.request.sampling_params.logprobs is not None
-                                              for sr in out.scheduled if sr.sample):
+        if sampled.logprobs is not None:
             tensors["logprobs"] = sampled.logprobs
             if sampled.topk_ids is not None:
                 tensors["topk_ids"] = sampled.topk_ids

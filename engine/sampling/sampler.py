@@ -41,10 +41,11 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor  # [B] float32
     output_token_counts: torch.Tensor | None  # [B, V] int32; None = no penalties in the batch
     prompt_token_mask: torch.Tensor | None  # [B, V] bool; None = no repetition penalty
-    max_num_logprobs: int  # 0 = none requested
+    max_num_logprobs: int  # 0 = no top-N requested
     uses_min_p: bool = True
     uses_top_k_top_p: bool = True
     max_top_k: int = 0
+    wants_logprobs: bool = True  # some row asked for logprobs (of its sampled token at least)
 
     @staticmethod
     def build(
@@ -86,6 +87,7 @@ class SamplingBatch:
                 token_counts(prompt_ids, vocab_size, device) > 0 if repetition else None
             ),
             max_num_logprobs=max((p.logprobs or 0 for p in unique.values()), default=0),
+            wants_logprobs=any(p.logprobs is not None for p in unique.values()),
             uses_min_p=any(row[0][2] > 0.0 for row in rows.values()),
             uses_top_k_top_p=any(row[1] > 0 or row[0][1] < 1.0 for row in rows.values()),
             max_top_k=_candidate_count([row[1] for row in rows.values()], [row[0][1] for row in rows.values()],
@@ -98,7 +100,7 @@ class SamplerOutput:
     """Sampled tokens of one step and their logprobs (log-softmax of the raw logits)."""
 
     token_ids: torch.Tensor  # [B] int64
-    logprobs: torch.Tensor  # [B] float32, at the sampled token
+    logprobs: torch.Tensor | None  # [B] float32, at the sampled token; None when no row wants logprobs
     topk_ids: torch.Tensor | None  # [B, K] int64, K = batch.max_num_logprobs
     topk_logprobs: torch.Tensor | None  # [B, K] float32
 
@@ -113,13 +115,16 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        # A [B, vocab] log-softmax is a full pass over the logits: only when some row reads it.
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.wants_logprobs else None
         penalised = apply_penalties(logits, batch)
         keep = filter_mask(penalised, batch)
         filtered = penalised if keep is None else penalised.masked_fill(~keep, float("-inf"))
         token_ids = sample_tokens(filtered, batch.temperature, batch.seeds, batch.output_pos)
-        sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
         topk_ids = topk_logprobs = None
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids, None, None, None)
+        sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
         if batch.max_num_logprobs > 0:
             topk_logprobs, topk_ids = raw_logprobs.topk(batch.max_num_logprobs, dim=-1)
         return SamplerOutput(token_ids, sampled_logprobs, topk_ids, topk_logprobs)
