@@ -1,9 +1,9 @@
 """The per-request offloading policy: `on_new_request(info) -> Decision`.
 
 A policy decides, for each new request, whether its prefix is looked up and loaded from the
-store, whether its KV is saved, to which tiers, for how long, and whether the final partial
-block is saved too. Built-ins are chosen by name; a user's own class loads from
-`{"class": "package.module:Name", ...kwargs}` (see docs/policies.md).
+store, whether its full blocks are saved, to which tiers, and for how long (the final partial
+block is never saved: docs/policies.md says why). Built-ins are chosen by name; a user's own class
+loads from `{"class": "package.module:Name", ...kwargs}` (see docs/policies.md).
 """
 
 from __future__ import annotations
