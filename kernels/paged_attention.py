@@ -2,9 +2,14 @@
 
 One call serves prefill chunks over cached context and decodes. Sequences are padded into dense
 batches (queries [B, Qmax, Hq, D], keys/values gathered through the block table [B, Lmax, Hk, D]) and
-attended with one masked fp32 ``scaled_dot_product_attention``; decodes (one query each) are batched
-apart from prefill chunks so that one long chunk does not pad every decode to its length.
+attended with a masked ``scaled_dot_product_attention`` in the activation dtype: as in Hugging Face's
+SDPA path, softmax statistics stay in fp32 while the unnormalised probabilities are rounded to bf16/fp16
+before the product with V (flash attention's rounding, which the Triton kernel shares). Decodes (one
+query each) are batched apart from prefill chunks so that one long chunk does not pad every decode.
 """
+
+import functools
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +19,7 @@ from torch import Tensor
 def _gather_context(
     kv_cache: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor, max_seq_len: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """K and V [B, Hk, Lmax, D] (fp32) of each sequence's positions, plus the valid-key mask [B, Lmax].
+    """K and V [B, Hk, Lmax, D] (cache dtype) of each sequence's positions, plus the valid-key mask [B, Lmax].
 
     Whole pages are gathered (one contiguous [bs, Hk, D] chunk each), not single slots: per-slot
     advanced indexing costs several times more on CPU, and so would a permuting copy.
@@ -31,7 +36,7 @@ def _gather_context(
     def gather(kv: int) -> Tensor:
         pages = kv_cache[:, layer, kv].index_select(0, flat)  # [B * P, bs, Hk, D], contiguous
         context = pages.view(num_seqs, num_pages * block_size, num_kv_heads, head_dim)[:, :max_seq_len]
-        return context.float().transpose(1, 2)  # a view: SDPA takes the strides as they are
+        return context.transpose(1, 2)  # a view: SDPA takes the strides as they are
 
     valid = torch.arange(max_seq_len, device=kv_cache.device)[None, :] < seq_lens[:, None].long()
     return gather(0), gather(1), valid
@@ -49,12 +54,12 @@ def _attend_group(
     max_seq_len: int,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """Attention for a group of sequences; returns (outputs [N, Hq, D] fp32, their query rows [N])."""
+    """Attention for a group of sequences; returns (outputs [N, Hq, D] in q.dtype, their query rows [N])."""
     num_tokens = q.shape[0]
     qi = torch.arange(max_query_len, device=q.device)
     q_valid = qi[None, :] < q_lens[:, None]
     rows = (q_starts[:, None] + qi[None, :]).clamp(max=num_tokens - 1)
-    q_pad = q[rows].float().transpose(1, 2)  # [B, Hq, Qmax, D]
+    q_pad = q[rows].transpose(1, 2)  # [B, Hq, Qmax, D]
 
     k, v, key_valid = _gather_context(kv_cache, layer, block_tables, seq_lens, max_seq_len)
     # New token i of sequence b sits at position seq_len - q_len + i and sees positions <= its own.
@@ -86,24 +91,40 @@ def paged_attention_ref(
     0..seq_lens[b]-1, reached through ``block_tables[b]``. GQA: Hq is a multiple of Hk.
     Softmax in fp32; returns [T, Hq, D] in ``q.dtype``.
     """
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    out = torch.zeros_like(q)
     starts = query_start_loc[:-1].long()
     q_lens = query_start_loc[1:].long() - starts
-    if max_query_len <= 1:
-        groups = [torch.arange(seq_lens.shape[0], device=q.device)]
-        group_qmax = [1]
-    else:
-        is_decode = q_lens <= 1
-        groups = [is_decode.nonzero().flatten(), (~is_decode).nonzero().flatten()]
-        group_qmax = [1, max_query_len]
-    for idx, qmax in zip(groups, group_qmax):
-        if idx.numel() == 0:
-            continue
+    for idx in _groups(seq_lens, q_lens, q.device):
         lens = seq_lens[idx]
         group_max_seq = min(max_seq_len, int(lens.max()))
+        group_max_query = min(max_query_len, int(q_lens[idx].max()))
         vals, rows = _attend_group(
-            q, kv_cache, layer, block_tables[idx], lens, starts[idx], q_lens[idx], qmax,
+            q, kv_cache, layer, block_tables[idx], lens, starts[idx], q_lens[idx], group_max_query,
             group_max_seq, scale,
         )
         out[rows] = vals
-    return out.to(q.dtype)
+    return out
+
+
+def _groups(seq_lens: Tensor, q_lens: Tensor, device: torch.device) -> list[Tensor]:
+    """Sequence indices attended together: decodes apart from prefill chunks, and by key-row bucket.
+
+    torch's CPU flash attention takes exp of whole vector widths with a fast approximation and of the
+    row's last ``len % width`` keys with an exact exp, and sums those apart. Padding a row past its own
+    bucket moves real keys from one path to the other, so bf16 probabilities round differently from
+    an unpadded call (Hugging Face's); rows padded only within their bucket are bit-identical.
+    """
+    is_prefill = (q_lens > 1).long()
+    key = (seq_lens.long() // _cpu_vector_width()) * 2 + is_prefill
+    return [(key == k).nonzero().flatten() for k in torch.unique(key).tolist()]
+
+
+@functools.cache
+def _cpu_vector_width() -> int:
+    """fp32 lanes of torch's CPU vector kernels (ATen's ``Vectorized<float>::size()``)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return 16
+    if platform.machine().lower() in ("arm64", "aarch64") and not capability.startswith("SVE"):
+        return 4
+    return 8
