@@ -40,6 +40,9 @@ class _RequestOffload:
     load_from: int = 0         # first block being loaded
     load_start_tokens: int = 0 # tokens already on the GPU when the load started
     load_end_tokens: int = 0   # tokens covered once the load completes
+    # The lookup of the current admission attempt: a request that waits for free pages is tried
+    # again every step, and must not cost a Lookup (and count its hits) each time.
+    found: LookupResult | None = None
 
 
 class OffloadingConnector:
@@ -93,8 +96,9 @@ class OffloadingConnector:
     def num_tokens_to_load(self, request: Request, gpu_hit_tokens: int) -> int:
         """Tokens beyond the GPU prefix-cache hit that the store holds (0 = nothing to load).
 
-        One Lookup of the request's block keys. At least one prompt token is always left to
-        compute: its forward gives the logits of the first new token.
+        One Lookup of the request's block keys per admission (kept while the request waits for
+        pages). At least one prompt token is always left to compute: its forward gives the logits
+        of the first new token.
         """
         state = self._state(request, gpu_hit_tokens)
         if not (state.decision.load or state.decision.save):
@@ -102,16 +106,19 @@ class OffloadingConnector:
         num_blocks = (request.num_tokens - 1) // self.block_size
         if num_blocks == 0:
             return 0
-        found = self._lookup(request, [self.block_key(request, j) for j in range(num_blocks)])
-        if found is None:
-            return 0
-        state.blocks_in_store = found.num_hits
+        first_try = state.found is None
+        if first_try:
+            state.found = self._lookup(request, [self.block_key(request, j) for j in range(num_blocks)])
+            if state.found is None:
+                return 0
+            state.blocks_in_store = state.found.num_hits
         if not state.decision.load:
             return 0
-        hit_end = found.num_hits * self.block_size
-        for j, tier in enumerate(found.tiers):
-            new = min((j + 1) * self.block_size, hit_end) - max(j * self.block_size, gpu_hit_tokens)
-            self.metrics.inc(self.metrics.hit_tokens, max(0, new), tier=tier)
+        hit_end = state.found.num_hits * self.block_size
+        if first_try:
+            for j, tier in enumerate(state.found.tiers):
+                new = min((j + 1) * self.block_size, hit_end) - max(j * self.block_size, gpu_hit_tokens)
+                self.metrics.inc(self.metrics.hit_tokens, max(0, new), tier=tier)
         return max(0, hit_end - gpu_hit_tokens)
 
     def _lookup(self, request: Request, keys: list[bytes]) -> LookupResult | None:
@@ -135,6 +142,7 @@ class OffloadingConnector:
     def start_load(self, request: Request, page_ids: list[int], gpu_hit_tokens: int, num_tokens: int) -> None:
         """Fetch the blocks covering tokens [gpu_hit_tokens, gpu_hit_tokens + num_tokens) into `page_ids`."""
         state = self._requests[request.request_id]
+        state.found = None  # admitted: a later admission (after a preemption) looks up afresh
         first = gpu_hit_tokens // self.block_size
         end = (gpu_hit_tokens + num_tokens) // self.block_size
         ppb = self.pages_per_block
@@ -170,10 +178,15 @@ class OffloadingConnector:
         return self.transfer.num_pending_loads > 0
 
     def record_prefill(self, request: Request, num_computed_tokens: int) -> None:
-        """Count the prompt tokens a request that may load from the store still has to compute
-        (a request its policy or role keeps from loading never had the choice)."""
+        """A request joins the running ones with `num_computed_tokens` in its pages: count the prompt
+        tokens it still computes if it was allowed to load (a request its policy or role keeps from
+        loading never had the choice), and drop its lookup (a re-admission after a preemption
+        looks up afresh)."""
         state = self._requests.get(request.request_id)
-        if state is not None and state.decision.load:
+        if state is None:
+            return
+        state.found = None
+        if state.decision.load:
             self.metrics.inc(self.metrics.recomputed_tokens, max(0, request.num_prompt_tokens - num_computed_tokens))
 
     # --- saving ---------------------------------------------------------------------------------

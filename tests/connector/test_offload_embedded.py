@@ -3,7 +3,8 @@ tier after its GPU prefix cache is emptied, one load after another, with the tok
 
 from __future__ import annotations
 
-from tests.connector.offload_helpers import MAX_TOKENS, generate, kv_config, make_llm, tokens
+from engine.sampling.params import SamplingParams
+from tests.connector.offload_helpers import MAX_TOKENS, PREFIX, PREFIX_LEN, generate, kv_config, make_llm, tokens
 
 SHORT, LONG = tokens(31, 2 * 256), tokens(32, 5 * 256)
 
@@ -25,4 +26,35 @@ def test_loads_from_the_embedded_memory_tier(tiny_model, cold):
         assert core.stats().computed_tokens - before == len(suffix) + MAX_TOKENS - 1
         assert core.connector.metrics.snapshot()["tierkv:offload_loaded_tokens"] - loaded == len(prefix)
     assert "tierkv:offload_failed_load_tokens" not in core.connector.metrics.snapshot()
+    core.close()
+
+
+def test_a_request_waiting_for_pages_looks_up_once(tiny_model, cold):
+    """160 pages of 16 tokens: while X (1500 tokens, 94+ pages) runs, B (the 2304-token prefix plus a
+    suffix, 147 pages) cannot get its pages and is retried every step; it must cost one Lookup, and
+    count its hit once, not once per step."""
+    llm = make_llm(tiny_model, kv_config(), num_gpu_blocks=160)
+    core = llm.engine.core
+    assert generate(llm, PREFIX + tokens(41, 20)) == cold(PREFIX + tokens(41, 20))
+    assert core.connector.flush()
+    core.kv.pool.reset_prefix_cache()
+    before = core.connector.metrics.snapshot()
+
+    x, b = tokens(42, 1500), PREFIX + tokens(43, 30)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    llm.engine.add_request(x, params, request_id="x")
+    llm.engine.add_request(b, params, request_id="b")
+    outputs, steps_b_waited = {}, 0
+    while llm.engine.has_unfinished_requests():
+        for out in llm.engine.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+        steps_b_waited += any(r.request_id == "b" for r in core.scheduler.waiting)
+    assert outputs == {"x": cold(x), "b": cold(b)}
+    assert steps_b_waited >= 3
+
+    after = core.connector.metrics.snapshot()
+    assert after["tierkv:offload_lookups"] - before["tierkv:offload_lookups"] == 2  # x's and b's
+    assert after["tierkv:offload_hit_tokens{tier=memory}"] - before.get("tierkv:offload_hit_tokens{tier=memory}", 0) == PREFIX_LEN
+    assert after["tierkv:offload_loaded_tokens"] - before.get("tierkv:offload_loaded_tokens", 0) == PREFIX_LEN
     core.close()
