@@ -1,4 +1,4 @@
-"""Offload: time to first token cold vs a prefix hit from each tier, and decode inter-token latency with saving on vs off.
+"""Offload: TTFT cold vs a prefix hit from each tier, and decode inter-token latency with saving on vs off.
 
 One engine with an embedded store of every tier asked for (memory always; Redis and S3 from URLs, or
 started here with --start-redis / --start-moto). For each tier, a fresh random prompt is served cold
@@ -238,7 +238,8 @@ def _format(tiers: list[TierResult], decodes: list[DecodeResult], args: argparse
         lines.append(f"{r.saving:<8} {r.itl_samples:>6d} {r.itl_mean_ms:>8.2f} {r.itl_p50_ms:>8.2f} "
                      f"{r.itl_p99_ms:>8.2f} {r.saved_blocks:>13d}")
     off, on = decodes
-    lines.append(f"saving on / off: mean {on.itl_mean_ms / off.itl_mean_ms:.3f}, p99 {on.itl_p99_ms / off.itl_p99_ms:.3f}")
+    lines.append(f"saving on / off: mean {on.itl_mean_ms / off.itl_mean_ms:.3f}, "
+                 f"p99 {on.itl_p99_ms / off.itl_p99_ms:.3f}")
     return "\n".join(lines)
 
 

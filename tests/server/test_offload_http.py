@@ -37,7 +37,8 @@ def test_user_field_reaches_the_policy_and_metrics_count_it(start_tiny_server, t
             response = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 5, "temperature": 0,
                                                             "user": user})
             assert response.status_code == 200
-            assert response.json()["choices"][0]["text"] == tiny_llm.generate(prompt, greedy(5), use_tqdm=False)[0].outputs[0].text
+            reference = tiny_llm.generate(prompt, greedy(5), use_tqdm=False)[0].outputs[0].text
+            assert response.json()["choices"][0]["text"] == reference
         deadline = time.monotonic() + 30
         while (samples := offload_samples(client)).get("tierkv:offload_saved_blocks_total", ({}, 0))[1] < 2:
             assert time.monotonic() < deadline, f"alice's blocks were never saved: {samples}"
