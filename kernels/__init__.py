@@ -29,7 +29,8 @@ __all__ = [
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
-    """RMSNorm of ``x`` [T, H]; with ``residual`` returns ``(rms_norm(x + residual), x + residual)``."""
+    """RMSNorm of each [D] row of ``x``: [T, D], or a strided [T, H, D] view (Qwen3's q/k norm, read in
+    place, contiguous result). With ``residual`` returns ``(rms_norm(x + residual), x + residual)``."""
     if x.is_cuda:
         from kernels.rms_norm_triton import rms_norm_triton
 

@@ -50,9 +50,10 @@ class Attention(nn.Module):
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            # Qwen3 normalises each head before rotary, as its checkpoint was trained.
-            q = kernels.rms_norm(q.reshape(-1, self.head_dim), self.q_norm, self.eps).view_as(q)
-            k = kernels.rms_norm(k.reshape(-1, self.head_dim), self.k_norm, self.eps).view_as(k)
+            # Qwen3 normalises each head before rotary, as its checkpoint was trained. The strided
+            # q/k views are read in place: flattening them to rows copied 1.9 ms per 8k-token prefill.
+            q = kernels.rms_norm(q, self.q_norm, self.eps)
+            k = kernels.rms_norm(k, self.k_norm, self.eps)
         q, k = kernels.rotary_embedding(positions, q, k, cos_sin_cache)
         kernels.write_kv(k, v, kv_cache, self.layer, attn.slot_mapping)
         out = kernels.paged_attention(q, kv_cache, self.layer, attn.block_tables, attn.seq_lens,

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from kernels import rms_norm, rotary_embedding, silu_and_mul
 
@@ -36,6 +37,28 @@ def test_rms_norm_with_residual_returns_sum_and_norm(dtype):
     out, new_residual = rms_norm(x, hf.weight, 1e-5, residual)
     assert torch.equal(new_residual, residual + x)
     assert torch.equal(out, hf(residual + x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_per_head_on_strided_qkv_view_equals_hf_qwen3(dtype):
+    """Qwen3's q norm: [T, H, D] cut out of the fused qkv output, normalised in place, no copy first."""
+    torch.manual_seed(5)
+    hf = Qwen3RMSNorm(16, eps=1e-6)
+    hf.weight.data = torch.randn(16)
+    hf = hf.to(dtype)
+    qkv = torch.randn(6, 8 * 16).to(dtype)
+    q = qkv[:, : 4 * 16].view(6, 4, 16)
+    out = rms_norm(q, hf.weight, 1e-6)
+    assert out.is_contiguous() and torch.equal(out, hf(q))
+    assert torch.equal(out.view(-1, 16), rms_norm(q.reshape(-1, 16), hf.weight, 1e-6))
+
+
+def test_rms_norm_head_major_view_returns_contiguous():
+    torch.manual_seed(6)
+    q = torch.randn(4, 3, 8).transpose(0, 1)
+    weight = torch.rand(8)
+    out = rms_norm(q, weight, 1e-6)
+    assert out.is_contiguous() and torch.equal(out, rms_norm(q.contiguous(), weight, 1e-6))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

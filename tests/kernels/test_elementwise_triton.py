@@ -48,12 +48,41 @@ def test_rms_norm_fused_residual(dtype):
     close(out, ref_out, dtype)
 
 
-def test_rms_norm_per_head_on_strided_view():
-    """Qwen3's q/k norm: weight [D] over a [T, H, D] view cut out of a fused qkv tensor."""
-    qkv = torch.randn(3, 5 * 16, generator=torch.Generator().manual_seed(2))
-    q = qkv[:, : 4 * 16].view(3, 4, 16)
-    weight = torch.rand(16)
-    close(rms_norm_triton(q.to(DEVICE), weight.to(DEVICE), 1e-6), rms_norm_ref(q, weight, 1e-6), torch.float32)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,heads,head_dim", [(3, 4, 16), (70, 4, 16), (5, 2, 96)])
+def test_rms_norm_per_head_on_strided_view(dtype, tokens, heads, head_dim):
+    """Qwen3's q/k norm: weight [D] over a [T, H, D] view cut out of a fused qkv tensor, read in place.
+
+    (70, 4, 16) is 280 rows: two programs of 256, the second one partly masked.
+    """
+    gen = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(tokens, (heads + 2) * head_dim, generator=gen).to(dtype).to(DEVICE)
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    weight = torch.rand(head_dim, generator=gen).to(dtype).to(DEVICE)
+    out = rms_norm_triton(q, weight, 1e-6)
+    assert out.is_contiguous()
+    # Strides change where rows are read, never a bit of the result.
+    flat = rms_norm_triton(q.reshape(-1, head_dim), weight, 1e-6)
+    assert torch.equal(out.view(-1, head_dim), flat)
+    close(out, rms_norm_ref(q.cpu(), weight.cpu(), 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_several_rows_per_program(dtype):
+    """A width of 1000 packs 4 rows per program: 9 rows leave the last program one row, the rest masked."""
+    gen = torch.Generator().manual_seed(3)
+    x, residual = torch.randn(9, 1000, generator=gen).to(dtype), torch.randn(9, 1000, generator=gen).to(dtype)
+    weight = torch.rand(1000, generator=gen).to(dtype)
+    out, new_residual = rms_norm_triton(x.to(DEVICE), weight.to(DEVICE), 1e-6, residual.to(DEVICE))
+    ref_out, ref_residual = rms_norm_ref(x, weight, 1e-6, residual)
+    close(new_residual, ref_residual, dtype)
+    close(out, ref_out, dtype)
+    assert torch.equal(out[8:], rms_norm_triton(new_residual[8:], weight.to(DEVICE), 1e-6))
+
+
+def test_rms_norm_no_rows():
+    out = rms_norm_triton(torch.empty(0, 4, 16, device=DEVICE), torch.ones(16, device=DEVICE), 1e-6)
+    assert out.shape == (0, 4, 16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
