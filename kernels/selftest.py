@@ -27,10 +27,15 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 @dataclass
 class Shapes:
-    """Model-ish sizes: Llama-3-8B's hidden/MLP widths and Qwen3-0.6B-like attention heads."""
+    """Model-ish sizes: Llama-3-8B's hidden/MLP widths and Qwen3-0.6B-like attention heads.
+
+    ``prefill_tokens`` and ``small_hidden`` are the norm shapes of one Qwen3-0.6B 8k-token prefill step.
+    """
 
     tokens: int = 4096
     hidden: int = 4096
+    prefill_tokens: int = 8192
+    small_hidden: int = 1024
     intermediate: int = 14336
     num_heads: int = 16
     num_kv_heads: int = 8
@@ -43,7 +48,7 @@ class Shapes:
     offload_blocks: int = 64
 
 
-QUICK = Shapes(tokens=64, hidden=256, intermediate=512, num_heads=4, num_kv_heads=2, head_dim=32,
+QUICK = Shapes(tokens=64, hidden=256, prefill_tokens=96, small_hidden=128, intermediate=512, num_heads=4, num_kv_heads=2, head_dim=32,
                num_layers=2, decode_batch=4, decode_context=40, prefill_seqs=2, prefill_len=24,
                offload_blocks=3)
 
@@ -125,6 +130,32 @@ def elementwise_cases(s: Shapes, dtype: torch.dtype, device: str) -> list[Result
         _compare(f"rotary [{t}x({s.num_heads}+{s.num_kv_heads})x{s.head_dim}]",
                  lambda: rotary_embedding_triton(positions, q, k, cache),
                  lambda: rotary_embedding_ref(positions, q, k, cache), dtype, 2 * _nbytes(q, k), device),
+    ]
+
+
+def norm_cases(s: Shapes, dtype: torch.dtype, device: str) -> list[Result]:
+    """The RMSNorm shapes of a Qwen3-0.6B step: prefill hidden norm, decode-batch norm, per-head q norm."""
+    from kernels.rms_norm_triton import rms_norm_triton
+
+    t, h = s.prefill_tokens, s.small_hidden
+    x = torch.randn(t, h, device=device, dtype=dtype)
+    res = torch.randn(t, h, device=device, dtype=dtype)
+    w = torch.rand(h, device=device, dtype=dtype)
+    x_decode = x[: s.decode_batch]
+    q_size = s.num_heads * s.head_dim
+    qkv_width = q_size + 2 * s.num_kv_heads * s.head_dim
+    qkv = torch.randn(t, qkv_width, device=device, dtype=dtype)
+    q = qkv[:, :q_size].view(t, s.num_heads, s.head_dim)
+    w_head = torch.rand(s.head_dim, device=device, dtype=dtype)
+    q_bytes = q.numel() * q.element_size()
+    return [
+        _compare(f"rms_norm+residual [{t}x{h}]", lambda: rms_norm_triton(x, w, 1e-6, res),
+                 lambda: rms_norm_ref(x, w, 1e-6, res), dtype, 4 * _nbytes(x), device),
+        _compare(f"rms_norm [{s.decode_batch}x{h}]", lambda: rms_norm_triton(x_decode, w, 1e-6),
+                 lambda: rms_norm_ref(x_decode, w, 1e-6), dtype, 2 * _nbytes(x_decode), device),
+        _compare(f"q-norm [{t},{s.num_heads},{s.head_dim}] of [{t}x{qkv_width}]",
+                 lambda: rms_norm_triton(q, w_head, 1e-6), lambda: rms_norm_ref(q, w_head, 1e-6), dtype,
+                 2 * q_bytes, device),
     ]
 
 
@@ -221,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in opts.dtypes.split(","):
         dtype = getattr(torch, name.strip())
         torch.manual_seed(0)
-        results = elementwise_cases(shapes, dtype, device) + kv_cache_cases(shapes, dtype, device)
+        results = elementwise_cases(shapes, dtype, device) + norm_cases(shapes, dtype, device)
+        results += kv_cache_cases(shapes, dtype, device)
         results += attention_cases(shapes, dtype, device)
         print_table(results, dtype)
         all_ok &= all(r.ok for r in results)
