@@ -10,9 +10,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Elements of one program's tile. One row of 128 (a head) per program left an H100 half idle:
-# too few bytes in flight per SM. 4096 elements with 8 warps give each thread 16 elements — two 16-byte
-# loads per bf16 tensor in flight at once.
+# Elements of one program's tile. With one row per program an 8k-token Qwen3 prefill ran its norms at
+# about half the H100's copy bandwidth: a 128-wide head row is only 256 bytes per program. 4096 elements
+# with 8 warps give each thread 16 elements — two 16-byte loads per bf16 tensor in flight at once.
 TILE_ELEMENTS = 4096
 ELEMENTS_PER_THREAD = 16
 
