@@ -6,6 +6,7 @@ near-tie, nothing more). Skipped without CUDA (the CPU path is covered by tests/
 """
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,14 +66,49 @@ def test_fp32_greedy_equals_hf(arch, enforce_eager, async_scheduling, fp32_dirs)
     assert llm.engine.core.stats().prefix_cache_hits > 0
 
 
+def _repo_text() -> bytes:
+    """A byte corpus with real structure: this repository's docs and engine sources."""
+    root = Path(__file__).resolve().parents[2]
+    files = sorted(root.glob("docs/*.md")) + sorted(root.glob("engine/**/*.py"))
+    return b"\n".join(f.read_bytes() for f in files)
+
+
+def _train_bytes_lm(path: str, corpus: torch.Tensor, steps: int = 400) -> None:
+    """Train the tiny model as a byte-level LM (token i = byte i) for a few seconds, then save it in bf16.
+
+    Random weights give near-uniform next-token distributions: there, bf16 rounding alone flips so many
+    near-ties that HF's own batched and unbatched bf16 runs agree on only ~28/64 prompts (measured on the
+    H100). A model that has learnt something has the peaked distributions real checkpoints have, so
+    what this test compares is the engine's arithmetic, not the coin flips of ties.
+    """
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, corpus.numel() - 257, (64,), generator=gen)
+        batch = torch.stack([corpus[s:s + 257] for s in starts.tolist()]).to("cuda")
+        loss = model(batch[:, :-1], labels=batch[:, :-1]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for old in Path(path).glob("model*.safetensors*"):
+        old.unlink()
+    model.to(torch.bfloat16).save_pretrained(path)
+
+
 @pytest.mark.slow
 def test_bf16_first_32_tokens_match_hf_for_95_percent(tmp_path):
-    path = make_tiny_model(tmp_path / "bf16", "qwen3", dtype=torch.bfloat16, hidden_size=256,
-                           intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-                           num_key_value_heads=4, head_dim=32)
+    path = make_tiny_model(tmp_path / "bf16", "qwen3", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                           num_attention_heads=8, num_key_value_heads=4, head_dim=32)
+    corpus = torch.tensor(list(_repo_text()), dtype=torch.long)
+    _train_bytes_lm(path, corpus)
     hf = _hf(path, torch.bfloat16)
     llm = LLM(path, dtype="bfloat16", device="cuda", max_num_seqs=64)
-    prompts = _prompts(64, llm.engine.model_config.vocab_size, seed=3, lo=4, hi=200)
+    rng = random.Random(3)
+    prompts = []
+    for _ in range(64):
+        start, length = rng.randrange(corpus.numel() - 200), rng.randint(8, 200)
+        prompts.append(corpus[start:start + length].tolist())
     # HF's min_new_tokens bans EOS until 32 tokens; min_tokens does the same here (ignore_eos would not).
     params = SamplingParams(temperature=0, max_tokens=32, min_tokens=32)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
