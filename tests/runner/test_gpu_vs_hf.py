@@ -73,13 +73,15 @@ def _repo_text() -> bytes:
     return b"\n".join(f.read_bytes() for f in files)
 
 
-def _train_bytes_lm(path: str, corpus: torch.Tensor, steps: int = 400) -> None:
+def _train_bytes_lm(path: str, corpus: torch.Tensor, steps: int = 3000) -> None:
     """Train the tiny model as a byte-level LM (token i = byte i) for a few seconds, then save it in bf16.
 
     Random weights give near-uniform next-token distributions: there, bf16 rounding alone flips so many
     near-ties that HF's own batched and unbatched bf16 runs agree on only ~28/64 prompts (measured on the
     H100). A model that has learnt something has the peaked distributions real checkpoints have, so
-    what this test compares is the engine's arithmetic, not the coin flips of ties.
+    what this test compares is the engine's arithmetic, not the coin flips of ties: after 1500 steps HF
+    agreed with itself on 61/64 and every divergence of ours sat at a top-2 fp32 logit gap under 0.03
+    standard deviations; after 3000 steps ours matches on 62/64.
     """
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
