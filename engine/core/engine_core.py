@@ -6,6 +6,7 @@ It sees only token ids; tokenizing, detokenizing and stop strings live in the fr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core.kv_cache_manager import KVCacheManager
-from engine.core.request import EngineRequest, Request, RequestStatus
+from engine.core.request import EngineRequest, Request
 from engine.core.scheduler import Scheduler, SchedulerOutput, SchedulerStats
 from engine.models.config import ModelConfig, load_model_config
 from engine.runner.model_runner import ModelRunner, StepHandle, StepResult
@@ -85,6 +86,7 @@ class EngineCore:
         self._rng = random.Random(config.seed)
         # Async scheduling: the step enqueued on the device whose tokens are not read yet.
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
+        self._last_sampling: tuple[list[Request], SamplingBatch] | None = None
         self.step_records: list[StepRecord] | None = None  # the benchmarks switch it on with []
 
     def _make_connector(self) -> OffloadingConnector | None:
@@ -192,10 +194,16 @@ class EngineCore:
         if not rows:
             return None, []
         params = [r.sampling_params for r in rows]
-        batch = SamplingBatch.build(
-            params, [r.seed for r in rows], [r.num_planned_outputs - 1 for r in rows],
-            [r.prompt_token_ids for r in rows], [r.output_token_ids for r in rows],
-            self.model_config.vocab_size, self.device)
+        last = self._last_sampling
+        if last is not None and last[0] == rows and last[1].output_token_counts is None:
+            # Steady decode: the same requests, each one token further; only the positions move.
+            batch = dataclasses.replace(last[1], output_pos=last[1].output_pos + 1)
+        else:
+            batch = SamplingBatch.build(
+                params, [r.seed for r in rows], [r.num_planned_outputs - 1 for r in rows],
+                [r.prompt_token_ids for r in rows], [r.output_token_ids for r in rows],
+                self.model_config.vocab_size, self.device)
+        self._last_sampling = (rows, batch)
         banned = []
         if not any(p.min_tokens for p in {id(p): p for p in params}.values()):
             return batch, banned
@@ -210,6 +218,9 @@ class EngineCore:
 
     def _outputs(self, out: SchedulerOutput, result: StepResult,
                  updated: list[Request]) -> list[EngineCoreOutput]:
+        if result.logprobs is None:
+            return [EngineCoreOutput(r.request_id, [r.output_token_ids[-1]], None, r.finish_reason, r.stop_reason,
+                                     max(r.num_cached_tokens, 0)) for r in updated]
         done = {r.request_id for r in updated}
         outputs = []
         row = -1
@@ -227,6 +238,6 @@ class EngineCore:
                 logprobs = [(result.logprobs[row], top)]
             outputs.append(EngineCoreOutput(
                 request_id=r.request_id, new_token_ids=[r.output_token_ids[-1]], new_logprobs=logprobs,
-                finish_reason=r.finish_reason if r.status != RequestStatus.RUNNING else None,
+                finish_reason=r.finish_reason,
                 stop_reason=r.stop_reason, num_cached_tokens=max(r.num_cached_tokens, 0)))
         return outputs

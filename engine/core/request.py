@@ -109,4 +109,4 @@ class Request:
 
     @property
     def finish_reason(self) -> str | None:
-        return self.status.value if self.status.finished else None
+        return self.status.value if self.status in FINISHED else None

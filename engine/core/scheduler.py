@@ -137,10 +137,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if request.num_pending_outputs and self._reached_limit(request):
-                i += 1
+            pending = request.num_pending_outputs
+            planned = len(request.all_token_ids) + pending
+            if pending and (len(request.output_token_ids) + pending >= request.max_tokens
+                            or planned >= self.max_model_len):
+                i += 1  # every token it may produce is sampled already and only waits to be read
                 continue
-            n = min(len(request.all_token_ids) + request.num_pending_outputs - request.num_computed_tokens, budget)
+            n = min(planned - request.num_computed_tokens, budget)
             if not self._allocate_or_preempt(request, n, out):
                 break
             self._add(out, request, n)
@@ -211,11 +214,6 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
         logger.debug("preempted %s (%d tokens) for lack of KV blocks", request.request_id, request.num_tokens)
-
-    def _reached_limit(self, request: Request) -> bool:
-        """Every token the request may produce is already sampled and only waits to be read."""
-        return request.num_pending_outputs > 0 and (
-            request.num_planned_outputs >= request.max_tokens or request.num_planned_tokens >= self.max_model_len)
 
     def _add(self, out: SchedulerOutput, request: Request, n: int) -> None:
         start = request.num_computed_tokens
