@@ -191,7 +191,8 @@ def sample_tokens_reference(
     seeds: torch.Tensor,
     output_pos: torch.Tensor,
 ) -> torch.Tensor:
-    """Torch reference: [B] int64 token ids from [B, V] float32 logits (see module docstring)."""
+    """Torch reference: [B] int64 token ids from [B, V] logits, taken in float32 (see module docstring)."""
+    logits = logits.float()
     greedy = (temperature < GREEDY_TEMPERATURE)[:, None]
     inv_temp = 1.0 / torch.where(greedy, 1.0, temperature[:, None].float())
     gumbel = -torch.log(-torch.log(uniform_noise(seeds, output_pos, logits.shape[1])))
@@ -241,7 +242,7 @@ def _sample_kernel(
 
     offs = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
     in_vocab = offs < vocab_size
-    x = tl.load(logits_ptr + row.to(tl.int64) * logits_stride + offs, mask=in_vocab, other=0.0)
+    x = tl.load(logits_ptr + row.to(tl.int64) * logits_stride + offs, mask=in_vocab, other=0.0).to(tl.float32)
     h = _fmix32_tl(offs.to(tl.uint32) ^ key)
     h = _fmix32_tl(h + key)
     u = ((h >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
@@ -264,7 +265,7 @@ def sample_tokens_triton(
     batch, vocab_size = logits.shape
     if batch == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
-    logits = logits.float()
+    # bf16/fp16 logits are read as they are and widened in the kernel (exactly): no fp32 copy of [B, V].
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     num_chunks = triton.cdiv(vocab_size, block_v)
@@ -297,7 +298,7 @@ def sample_tokens(
     """Pick one token per row: Triton for CUDA tensors, the torch reference otherwise.
 
     Args:
-        logits: [B, V] float32, penalised; filtered-out tokens hold ``-inf``.
+        logits: [B, V] float32 (or bf16/fp16, widened exactly), penalised; filtered-out tokens hold ``-inf``.
         temperature: [B] float32; ``< 1e-5`` means greedy.
         seeds: [B] int64 per-request seeds.
         output_pos: [B] int64 index of the token being sampled in the request's output.

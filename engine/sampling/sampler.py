@@ -114,7 +114,9 @@ class Sampler:
     """
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        logits = logits.float()
+        if batch.wants_logprobs or batch.output_token_counts is not None or batch.uses_min_p \
+                or batch.uses_top_k_top_p:
+            logits = logits.float()  # the stages below compute in fp32; the draw alone widens as it reads
         # A [B, vocab] log-softmax is a full pass over the logits: only when some row reads it.
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.wants_logprobs else None
         penalised = apply_penalties(logits, batch)
