@@ -19,11 +19,6 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
 
-    @property
-    def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                        RequestStatus.FINISHED_ABORTED)
-
 
 FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
                       RequestStatus.FINISHED_ABORTED})
@@ -78,12 +73,8 @@ class Request:
         return len(self.all_token_ids)
 
     @property
-    def num_planned_tokens(self) -> int:
-        """Known tokens plus those already sampled on the device but not yet read back."""
-        return len(self.all_token_ids) + self.num_pending_outputs
-
-    @property
     def num_planned_outputs(self) -> int:
+        """Outputs read back plus those already sampled on the device (async scheduling)."""
         return len(self.output_token_ids) + self.num_pending_outputs
 
     @property

@@ -37,7 +37,6 @@ class PreparedStep:
     sample_positions: torch.Tensor  # [S] where its sampled token goes in its token row
     num_tokens: int
     num_reqs: int
-    is_decode: bool               # one token per request, every request samples
 
 
 class BatchState:
@@ -123,8 +122,7 @@ class BatchState:
             logits_indices=(st.query_start_loc[1:] - 1).long().index_select(0, sample_idx),
             sample_slots=slots_d.long().index_select(0, sample_idx),
             sample_positions=st.seq_lens.long().index_select(0, sample_idx),
-            num_tokens=num_tokens, num_reqs=len(slots),
-            is_decode=num_tokens == len(slots) == len(sample_rows))
+            num_tokens=num_tokens, num_reqs=len(slots))
 
     def write_sampled(self, step: PreparedStep, token_ids: torch.Tensor) -> None:
         """Put each sampled token into its request's row, where the next step's input prep reads it."""

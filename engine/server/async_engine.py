@@ -250,6 +250,16 @@ class RequestStream:
             self.close(finished=True)
         return item
 
+    async def final(self) -> RequestOutput:
+        """Wait for the finished output (a non-streaming reply), closing the stream either way."""
+        final = None
+        try:
+            async for out in self:
+                final = out
+        finally:
+            self.close()
+        return final
+
     def close(self, finished: bool = False) -> None:
         if not self._done:
             self._done = True

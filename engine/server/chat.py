@@ -29,12 +29,7 @@ def start_chat(req: ChatCompletionRequest, engine: AsyncEngine) -> tuple[str, Re
 async def chat(req: ChatCompletionRequest, engine: AsyncEngine, model: str, request_id: str,
                stream: RequestStream) -> ChatCompletionResponse:
     """Wait for the whole reply."""
-    final = None
-    try:
-        async for out in stream:
-            final = out
-    finally:
-        stream.close()
+    final = await stream.final()
     completion = final.outputs[0]
     logprobs = None
     if completion.logprobs is not None:

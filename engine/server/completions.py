@@ -32,12 +32,7 @@ def usage_of(out: RequestOutput) -> Usage:
 async def complete(req: CompletionRequest, engine: AsyncEngine, model: str, request_id: str,
                    stream: RequestStream) -> CompletionResponse:
     """Wait for the whole completion."""
-    final = None
-    try:
-        async for out in stream:
-            final = out
-    finally:
-        stream.close()
+    final = await stream.final()
     completion = final.outputs[0]
     logprobs = None
     if completion.logprobs is not None:
