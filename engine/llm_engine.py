@@ -20,8 +20,8 @@ class LLMEngine:
     """Adds text or token prompts and steps the core, returning `RequestOutput`s with text."""
 
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         self.core = EngineCore(config)
+        self.config = self.core.config  # with the device's batch defaults filled in
         self.model_config = self.core.model_config
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(self.model_config)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -31,7 +31,7 @@ class LLMEngine:
         """A prompt is a string, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": [...]}."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+                return prompt.get("prompt"), list(map(int, prompt["prompt_token_ids"]))
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:

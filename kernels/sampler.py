@@ -209,7 +209,9 @@ def _fmix32_tl(h):
     return h ^ (h >> 16)
 
 
-@triton.jit
+# The per-row parameters may be rows of one packed [k, B] tensor: their alignment changes with the
+# batch size's parity, and specialising on it would compile a new variant mid-serving (0.5 s).
+@triton.jit(do_not_specialize_on_alignment=["temperature_ptr", "seeds_ptr", "output_pos_ptr"])
 def _sample_kernel(
     logits_ptr,
     logits_stride,

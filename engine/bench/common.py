@@ -49,8 +49,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         help="random weights of this model shape (default: qwen3-0.6b when --model is not given)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's for this device")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's for this device")
     p.add_argument("--block-size", type=int, default=None, help="default: the engine's")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="default: the engine's")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
@@ -109,13 +109,12 @@ def hf_config_dict(path: str) -> dict:
 def engine_kwargs(args: argparse.Namespace, path: str, random_weights: bool, dtype: str, max_model_len: int,
                   *, async_scheduling: bool | None = None, enforce_eager: bool | None = None) -> dict:
     """`LLM(**kwargs)` for a benchmark: token-id prompts only, flags mapped onto EngineConfig."""
-    kwargs = dict(model=path, dtype=dtype, device=args.device, max_num_seqs=args.max_num_seqs,
-                  max_model_len=max_model_len, seed=args.seed, skip_tokenizer_init=True,
+    kwargs = dict(model=path, dtype=dtype, device=args.device, max_model_len=max_model_len, seed=args.seed, skip_tokenizer_init=True,
                   async_scheduling=not args.no_async_scheduling if async_scheduling is None else async_scheduling,
                   enforce_eager=args.enforce_eager if enforce_eager is None else enforce_eager)
     if random_weights:
         kwargs["load_format"] = "dummy"
-    for flag in ("max_num_batched_tokens", "block_size", "gpu_memory_utilization"):
+    for flag in ("max_num_seqs", "max_num_batched_tokens", "block_size", "gpu_memory_utilization"):
         if getattr(args, flag) is not None:
             kwargs[flag] = getattr(args, flag)
     return kwargs

@@ -33,15 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_model_arguments(p)
 
 
-def _batch_sizes(text: str, max_num_seqs: int) -> list[int]:
+def _batch_sizes(text: str, max_num_seqs: int | None) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise SystemExit(f"tierkv bench latency: --batch-sizes must be comma-separated integers, got {text!r}")
     if not sizes or min(sizes) < 1:
         raise SystemExit(f"tierkv bench latency: --batch-sizes must be positive integers, got {text!r}")
-    if max(sizes) > max_num_seqs:
-        raise SystemExit(f"tierkv bench latency: batch size {max(sizes)} is larger than --max-num-seqs "
+    if max_num_seqs is not None and max(sizes) > max_num_seqs:
+        raise SystemExit(f"tierkv bench latency: batch size {max(sizes)} is larger than max_num_seqs "
                          f"{max_num_seqs}; raise --max-num-seqs")
     return sizes
 
@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
         first_modes = {"async_scheduling": True, "enforce_eager": False} if args.compare_async else {}
         llm = LLM(**common.engine_kwargs(args, path, random_weights, dtype, max_model_len, **first_modes))
+        max_num_seqs = llm.engine.config.max_num_seqs
+        _batch_sizes(args.batch_sizes, max_num_seqs)
         cost = roofline.model_cost(llm.engine.core.runner.model, llm.engine.model_config)
         _warm_up(llm, args)
         batches = []
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "config": {"model": common.model_label(args), "device": str(device), "dtype": dtype,
                    "input_len": args.input_len, "output_len": args.output_len, "batch_sizes": sizes,
-                   "max_num_seqs": args.max_num_seqs, "mode": "async+graphs" if args.compare_async
+                   "max_num_seqs": max_num_seqs, "mode": "async+graphs" if args.compare_async
                    else _mode_label(args)},
         "hardware": hw.to_dict(),
         "model_cost": cost.to_dict(),

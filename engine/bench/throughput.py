@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     for name in ("num_prompts", "input_len", "output_len", "hf_batch_size", "hf_batches", "max_num_seqs"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"tierkv bench throughput: --{name.replace('_', '-')} must be at least 1")
     device = common.bench_device(args)
     dtype = common.bench_dtype(args, device)
@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "config": {"model": common.model_label(args), "device": str(device), "dtype": dtype,
                    "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
-                   "max_num_seqs": args.max_num_seqs, "async_scheduling": not args.no_async_scheduling,
+                   "max_num_seqs": engine.pop("max_num_seqs"),
+                   "max_num_batched_tokens": engine.pop("max_num_batched_tokens"),
+                   "async_scheduling": not args.no_async_scheduling,
                    "enforce_eager": args.enforce_eager},
         "hardware": hw.to_dict(),
         "model_cost": cost.to_dict(),
@@ -78,6 +80,8 @@ def _run_engine(args: argparse.Namespace, path: str, random_weights: bool, dtype
 
     llm = LLM(**common.engine_kwargs(args, path, random_weights, dtype, args.input_len + args.output_len))
     core = llm.engine.core
+    batch_limits = {"max_num_seqs": core.config.max_num_seqs,
+                    "max_num_batched_tokens": core.config.max_num_batched_tokens}
     vocab = llm.engine.model_config.vocab_size
     cost = roofline.model_cost(core.runner.model, llm.engine.model_config)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
@@ -105,7 +109,7 @@ def _run_engine(args: argparse.Namespace, path: str, random_weights: bool, dtype
     return {"elapsed_s": elapsed, "requests": len(outputs), "prompt_tokens": prompt_tokens,
             "output_tokens": output_tokens, "requests_per_s": len(outputs) / elapsed,
             "output_tok_s": output_tokens / elapsed, "total_tok_s": (prompt_tokens + output_tokens) / elapsed,
-            "steps": len(records), "cost": cost, "records": records}
+            "steps": len(records), "cost": cost, "records": records, **batch_limits}
 
 
 def format_result(r: dict) -> str:
@@ -119,7 +123,8 @@ def format_result(r: dict) -> str:
     rows.append(["roofline", roof["seconds"], None, e["output_tokens"], roof["output_tok_s"], None])
     lines = [f"throughput: {c['model']}, {c['num_prompts']} prompts, in {c['input_len']} / out {c['output_len']}, "
              f"{c['dtype']} on {c['device']} (async {'on' if c['async_scheduling'] else 'off'}, "
-             f"graphs {'off' if c['enforce_eager'] else 'on'})",
+             f"graphs {'off' if c['enforce_eager'] else 'on'}, max_num_seqs {c['max_num_seqs']}, "
+             f"max_num_batched_tokens {c['max_num_batched_tokens']})",
              common.table(["", "elapsed s", "req/s", "out tokens", "out tok/s", "total tok/s"], rows),
              f"ours / HF: {_ratio(r['ours_vs_hf'])}   ours / roofline: {common.percent(roof['fraction'])}"
              f"   ({e['steps']} steps)",

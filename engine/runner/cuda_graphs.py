@@ -3,7 +3,10 @@
 A pure-decode step (one new token per request, every request sampling) replays the graph of the
 smallest captured size that holds it: its inputs are copied into the graph's static buffers, the
 padding rows write no KV (slot -1) and attend to one position of their (stale but valid) block-table
-row, and their logits are ignored. Prefill and mixed steps run eagerly. Triton's launch overhead —
+row, and their hidden states are ignored. Prefill and mixed steps run eagerly. The graphs end at the
+final hidden states: each graph's output stays allocated for its replays, and [size, vocab] logits
+per graph would hold gigabytes at a max_num_seqs of 1024, so the logits (one matmul over the real
+rows only) run outside. Triton's launch overhead —
 tens of microseconds per kernel, hundreds of kernels per step — is what the graphs remove.
 """
 
@@ -28,7 +31,7 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Captures `forward(input_ids, positions, attn) -> logits` for padded decode batches and replays it."""
+    """Captures `forward(input_ids, positions, attn) -> hidden` for padded decode batches and replays it."""
 
     def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor],
                  max_num_seqs: int, max_blocks: int, device: torch.device) -> None:
@@ -61,8 +64,8 @@ class DecodeGraphs:
                 self.forward(*args)  # compiles the kernels outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits = self.forward(*args)
-                self._graphs[size] = (graph, logits)
+                    hidden = self.forward(*args)
+                self._graphs[size] = (graph, hidden)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
@@ -75,7 +78,7 @@ class DecodeGraphs:
         return None
 
     def replay(self, step: PreparedStep, size: int) -> torch.Tensor:
-        """Run a decode step prepared with `num_tokens_padded=size`; returns logits [num_reqs, V]."""
+        """Run a decode step prepared with `num_tokens_padded=size`; returns hidden states [num_reqs, H]."""
         b = step.num_reqs
         self.input_ids[:size].copy_(step.input_ids)
         self.positions[:size].copy_(step.positions)
@@ -83,6 +86,6 @@ class DecodeGraphs:
         self.block_tables[:b].copy_(step.attn.block_tables)
         self.seq_lens[:b].copy_(step.attn.seq_lens)
         self.seq_lens[b:size].fill_(1)
-        graph, logits = self._graphs[size]
+        graph, hidden = self._graphs[size]
         graph.replay()
-        return logits[:b]
+        return hidden[:b]

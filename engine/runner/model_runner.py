@@ -22,7 +22,7 @@ from engine.models.config import ModelConfig
 from engine.models.dummy import load_dummy_model
 from engine.models.loader import load_model
 from engine.runner.batch_state import BatchState
-from engine.runner.cuda_graphs import DecodeGraphs
+from engine.runner.cuda_graphs import DecodeGraphs, capture_sizes
 from engine.sampling.sampler import Sampler, SamplingBatch
 
 logger = logging.getLogger(__name__)
@@ -90,14 +90,13 @@ class ModelRunner:
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager:
-            self.graphs = DecodeGraphs(self._forward_logits, config.max_num_seqs,
+            self.graphs = DecodeGraphs(self._forward, config.max_num_seqs,
                                        self.state.block_tables.shape[1], device)
             self.graphs.capture()
 
     @torch.inference_mode()
-    def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                        attn: AttentionMetadata) -> torch.Tensor:
-        return self.model.compute_logits(self.model(input_ids, positions, self.kv_cache, attn))
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, self.kv_cache, attn)
 
     def _num_blocks(self) -> int:
         if self.config.num_gpu_blocks is not None:
@@ -141,14 +140,27 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         outside_torch = total - free - torch.cuda.memory_reserved(self.device)
-        # Decode graphs keep their own activations and [max_num_seqs, vocab] logits in a private pool.
-        graph_margin = 0 if self.config.enforce_eager else 3 * rows * cfg.vocab_size * 4 + (256 << 20)
+        graph_margin = 0 if self.config.enforce_eager else self._graph_memory(peak, num_tokens)
         budget = int(total * self.config.gpu_memory_utilization) - outside_torch - peak - graph_margin
         logger.info("memory profile: %.2f GiB peak for a %d-token step (weights included), %.2f GiB used "
                     "outside torch, %.2f GiB left for the KV cache at gpu_memory_utilization=%.2f",
                     peak / 2**30, num_tokens, outside_torch / 2**30, budget / 2**30,
                     self.config.gpu_memory_utilization)
         return max(budget, 0)
+
+    def _graph_memory(self, peak: int, num_tokens: int) -> int:
+        """Bytes the decode graphs' private pool will hold beyond the profiled peak.
+
+        The pool keeps the activations of the largest graph (activations grow linearly with the
+        tokens of a step, so they are scaled down from the profiled step) and every graph's output
+        hidden states, plus a fixed allowance for the allocator's rounding.
+        """
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        sizes = capture_sizes(self.config.max_num_seqs)
+        activations = max(peak - weights, 0) * sizes[-1] // num_tokens
+        elem = torch.empty((), dtype=self.model_config.dtype).element_size()
+        outputs = sum(sizes) * self.model_config.hidden_size * elem
+        return activations + outputs + (256 << 20)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, blocks_of: Callable[[str], list[KVBlock]],
@@ -164,12 +176,13 @@ class ModelRunner:
             size = self.graphs.padded_size(len(out.scheduled))
         step = self.state.prepare(out, blocks_of, size)
         if size is not None:
-            logits = self.graphs.replay(step, size)
+            hidden = self.graphs.replay(step, size)
         else:
             hidden = self.model(step.input_ids, step.positions, self.kv_cache, step.attn)
             if batch is None:
                 return StepHandle({}, None)
-            logits = self.model.compute_logits(hidden[step.logits_indices])
+            hidden = hidden[step.logits_indices]
+        logits = self.model.compute_logits(hidden)
         if banned:
             logits = self._ban(logits, banned)
         sampled = self.sampler(logits, batch)

@@ -48,6 +48,7 @@ def build_app(engine: AsyncEngine, model_names: tuple[str, ...], model_root: str
         await engine.stop()
 
     app = FastAPI(title="tierkv", version=package_version(), lifespan=lifespan)
+    app.state.engine = engine  # for embedding code and tests: the engine this app serves
     served = model_names[0]
 
     def check_api_key(request: Request) -> None:

@@ -31,7 +31,7 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     served_model_names: tuple[str, ...] = ()
-    max_waiting_requests: int = 1024
+    max_waiting_requests: int | None = None  # None: 4 x the engine's max_num_seqs
     shutdown_timeout: float = 10.0
     log_level: str = "info"
 
@@ -165,7 +165,8 @@ def _serve_config(args: dict[str, Any]) -> ServeConfig:
     names = tuple(args.get("served_model_name", ()))
     try:
         engine = EngineConfig(model=args.get("model"), served_model_name=names[0] if names else None,
-                              max_waiting_requests=args.get("max_waiting_requests"), **engine_kwargs)
+                              max_waiting_requests=args.get("max_waiting_requests"), usage_context="server",
+                              **engine_kwargs)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     port = args.get("port", 8000)
@@ -180,7 +181,7 @@ def _serve_config(args: dict[str, Any]) -> ServeConfig:
         port=port,
         api_key=args.get("api_key"),
         served_model_names=names,
-        max_waiting_requests=engine.max_waiting_requests or 4 * engine.max_num_seqs,
+        max_waiting_requests=engine.max_waiting_requests,
         shutdown_timeout=shutdown_timeout,
         log_level=args.get("uvicorn_log_level", "info"),
     )

@@ -30,7 +30,8 @@ def serve_core(core, tokenizer, config: ServeConfig) -> FastAPI:
     from engine.server.metrics import ServerMetrics
 
     names = config.served_model_names or (core.model_config.name,)
-    engine = AsyncEngine(core, tokenizer, ServerMetrics(names[0]), config.max_waiting_requests)
+    max_waiting = config.max_waiting_requests or 4 * core.config.max_num_seqs
+    engine = AsyncEngine(core, tokenizer, ServerMetrics(names[0]), max_waiting)
     return build_app(engine, names, core.model_config.path, config.api_key)
 
 

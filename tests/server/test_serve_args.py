@@ -11,7 +11,10 @@ def test_defaults_serve_the_embedded_model_on_port_8000():
     config = parse_serve_args([])
     assert config.engine.model is None
     assert (config.host, config.port, config.api_key, config.shutdown_timeout) == ("0.0.0.0", 8000, None, 10.0)
-    assert config.max_waiting_requests == 4 * config.engine.max_num_seqs
+    # Batch limits and the waiting-queue bound are filled in once the engine knows its device.
+    e = config.engine
+    assert (e.max_num_seqs, e.max_num_batched_tokens, e.usage_context, config.max_waiting_requests) == (
+        None, None, "server", None)
 
 
 def test_flags_reach_the_engine_config():
