@@ -97,10 +97,11 @@ class CausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        """Logits [S, V] as float32. The matmul runs in the model dtype, as HF's lm_head does, so greedy
-        picks match HF's in bf16/fp16 too."""
+        """Logits [S, V] in the model dtype, as HF's lm_head computes them, so greedy picks match HF's
+        in bf16/fp16 too. No float32 copy here: the sampler widens (exactly) only in the stages that
+        compute in float32, and at 1024 rows a copy would move almost 1 GB per step."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return F.linear(hidden, weight)
 
     def checkpoint_layout(self) -> dict[str, Destination]:
         """Every HF checkpoint tensor name this model needs -> (our parameter, rows it fills)."""
