@@ -122,10 +122,13 @@ def _ieee_dot(dtype: torch.dtype) -> bool:
 def _tile_sizes(max_query_len: int, group_p2: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_Q, TILE_N): decodes use the smallest tile tl.dot allows (16 rows), prefill 64 rows.
 
-    fp32 tiles are twice the bytes: prefill stays at 32x32 so Q, K and V stages fit in shared memory.
+    Decodes walk 64 keys per step: on the H100 that was the fastest point of a sweep
+    of 16-128 keys, 1-8 warps and 2-4 stages (1024, 256 and 64 sequences), 8% faster than 32 keys at
+    256 sequences. fp32 tiles are twice the bytes: prefill stays at 32x32 so Q, K and V stages fit in
+    shared memory.
     """
     if max_query_len <= 1:
-        rows, tile_n = 16, 32
+        rows, tile_n = 16, 64 if dtype != torch.float32 else 32
     elif dtype == torch.float32:
         rows, tile_n = 32, 32
     else:
