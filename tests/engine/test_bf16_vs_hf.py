@@ -1,8 +1,11 @@
 """bf16 on CPU: the engine's greedy tokens equal Hugging Face transformers' bf16 output.
 
 Random weights give flat logits, so any difference in where a kernel rounds flips a near-tie within a
-few tokens. On CPU both sides run the same torch ops (linear, flash SDPA), so with every rounding point
-matched the tokens are identical except where a chunked prefill splits a prompt that HF runs whole.
+few tokens. On CPU both sides run the same torch ops (linear, flash SDPA) with every rounding point
+matched, so a prompt run alone gives HF's tokens. In a batch the engine's matmuls have more rows than
+HF's batch-1 ones, and on some CPUs oneDNN then blocks the bf16 reduction differently: a logit moves
+by an ulp. So the test asks what the GPU test asks: most prompts identical, and every divergence at a
+near-tie of HF's own logits.
 """
 
 import random
@@ -17,6 +20,9 @@ from tests.engine.tiny_models import make_tiny_model
 
 NUM_PROMPTS = 24
 NUM_TOKENS = 16
+# A near-tie: HF's logit of our token within this many standard deviations of its own pick's (the
+# divergences seen were 0 and 2 bf16 ulps, under 0.025 sigma).
+NEAR_TIE_SIGMAS = 0.08
 
 
 @pytest.fixture
@@ -45,6 +51,32 @@ def test_bf16_greedy_tokens_match_hf(arch, tmp_path, one_thread):
     # hf_greedy neither stops on nor bans EOS: ignore_eos is the same rule on our side.
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    same = sum(o.outputs[0].token_ids == hf_greedy(hf, p, NUM_TOKENS) for o, p in zip(outs, prompts))
+    same = 0
+    for out, prompt in zip(outs, prompts):
+        ours, ref = out.outputs[0].token_ids, hf_greedy(hf, prompt, NUM_TOKENS)
+        if ours == ref:
+            same += 1
+            continue
+        k = next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + ref[:k]])).logits[0, -1].float()
+        gap = (logits[ref[k]] - logits[ours[k]]).item()
+        assert gap <= NEAR_TIE_SIGMAS * logits.std().item(), (
+            f"prompt of {len(prompt)} tokens diverges at token {k}: ours {ours[k]} vs HF {ref[k]}, "
+            f"logit gap {gap:.4f} is no near-tie")
     print(f"{arch} bf16 on CPU: {same}/{NUM_PROMPTS} prompts with identical first {NUM_TOKENS} greedy tokens")
-    assert same >= 0.95 * NUM_PROMPTS
+    assert same >= 0.75 * NUM_PROMPTS
+
+
+@pytest.mark.slow
+def test_bf16_prompt_alone_gives_hf_tokens_exactly(tmp_path, one_thread):
+    """One sequence per step: the same matmul shapes as HF's batch 1, so no rounding may differ."""
+    path = make_tiny_model(tmp_path / "qwen3", "qwen3", dtype=torch.bfloat16, hidden_size=256,
+                           intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                           num_key_value_heads=4, head_dim=32)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    llm = LLM(path, dtype="bfloat16", device="cpu", max_num_seqs=1)
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
+    for prompt in _prompts(llm.engine.model_config.vocab_size)[:8]:
+        out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, NUM_TOKENS)
