@@ -3,7 +3,9 @@ memset. The CPU overhead of the step loop (scheduling, input preparation, Python
 idle remainder: with async scheduling and CUDA graphs the GPU should never wait on the CPU.
 
 Measured with the torch profiler (CUPTI): the union of the device activity intervals inside the window
-from the first profiled step's start to the last one's end, over the window's length.
+from the first profiled step's start to the last one's end, over the window's length. The first steps
+under the profiler run while it sets up its buffers; they are profiled but left out (its `warmup`
+phase), so the profiler's own start does not count as the GPU waiting.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 STEP_MARK = "tierkv_bench_step"
 # Chrome-trace categories of work on the device; "gpu_user_annotation" spans are markers, not work.
 DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+WARMUP_STEPS = 5  # profiled but not measured: the profiler's own start-up
 
 
 def busy_fraction(intervals: Iterable[tuple[float, float]], window: tuple[float, float]) -> float:
@@ -51,25 +54,31 @@ def trace_intervals(trace: dict) -> tuple[list[tuple[float, float]], tuple[float
     return work, (min(s for s, _ in steps), max(e for _, e in steps))
 
 
-def measure(step: Callable[[], object], num_steps: int) -> tuple[float, int]:
-    """Run `step` `num_steps` times under the profiler; return (busy fraction, device intervals seen).
-
-    Without CUDA only the CPU is profiled: the fraction is 0 (nothing runs on a device).
-    """
-    from torch.profiler import ProfilerActivity, profile, record_function
+def profile_steps(step: Callable[[], object], num_steps: int, warmup_steps: int = WARMUP_STEPS) -> dict:
+    """Run `step` `warmup_steps + num_steps` times under the profiler; the Chrome trace of the last
+    `num_steps`, each inside a `STEP_MARK` span."""
+    from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
     on_cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    with profile(activities=activities) as prof:
-        for _ in range(num_steps):
-            with record_function(STEP_MARK):
-                step()
-        if on_cuda:
-            torch.cuda.synchronize()
     with tempfile.TemporaryDirectory(prefix="tierkv-bench-trace-") as tmp:
         path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
+        with profile(activities=activities, schedule=schedule(wait=0, warmup=warmup_steps, active=num_steps, repeat=1),
+                     on_trace_ready=lambda p: p.export_chrome_trace(path)) as prof:
+            for i in range(warmup_steps + num_steps):
+                with record_function(STEP_MARK):
+                    step()
+                if on_cuda and i == warmup_steps + num_steps - 1:
+                    torch.cuda.synchronize()  # the last step's kernels finish inside the recording
+                prof.step()
         with open(path) as f:
-            trace = json.load(f)
-    work, window = trace_intervals(trace)
+            return json.load(f)
+
+
+def measure(step: Callable[[], object], num_steps: int, warmup_steps: int = WARMUP_STEPS) -> tuple[float, int]:
+    """Busy fraction over `num_steps` profiled steps after `warmup_steps`, and the device intervals seen.
+
+    Without CUDA only the CPU is profiled: the fraction is 0 (nothing runs on a device).
+    """
+    work, window = trace_intervals(profile_steps(step, num_steps, warmup_steps))
     return busy_fraction(work, window), len(work)

@@ -55,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = common.bench_dtype(args, device)
     torch_dtype = parse_dtype(dtype, None)
     busy_wanted = args.gpu_busy or args.compare_async
-    # Busy-% requests decode `busy_steps` tokens past the batch's output length: the window never
-    # runs into requests finishing.
-    max_model_len = args.input_len + args.output_len + (args.busy_steps if busy_wanted else 0)
+    # Busy-% requests decode `busy_steps` (and the profiler's warm-up steps) past the batch's output
+    # length: the window never runs into requests finishing.
+    max_model_len = args.input_len + args.output_len + (_busy_tokens(args) if busy_wanted else 0)
     with common.model_source(args) as (path, raw_config, random_weights):
         _phase("measuring copy bandwidth and matmul peak")
         hw = roofline.measure_hardware(device, torch_dtype, args.bandwidth_bytes, args.matmul_size)
@@ -196,12 +196,17 @@ def _measure_batch(llm, size: int, args: argparse.Namespace, seed: int, cost, hw
     }
 
 
+def _busy_tokens(args: argparse.Namespace) -> int:
+    return gpu_busy.WARMUP_STEPS + args.busy_steps
+
+
 def _measure_busy(llm, size: int, args: argparse.Namespace, label: str) -> dict:
-    """Add `size` requests, step until each has its first token, then profile `busy_steps` steps."""
+    """Add `size` requests, step until each has its first token, then profile `busy_steps` steps
+    (after the profiler's warm-up steps)."""
     _phase(f"GPU busy % at batch {size} ({label})")
     engine = llm.engine
     prompts = common.random_prompts(size, args.input_len, engine.model_config.vocab_size, args.seed + 99)
-    ids = [engine.add_request({"prompt_token_ids": p}, _params(args.output_len + args.busy_steps))
+    ids = [engine.add_request({"prompt_token_ids": p}, _params(args.output_len + _busy_tokens(args)))
            for p in prompts]
     clock = _TokenClock()
     while len(clock.first) < size:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from engine.bench.gpu_busy import STEP_MARK, busy_fraction, trace_intervals
+from engine.bench.gpu_busy import STEP_MARK, busy_fraction, profile_steps, trace_intervals
 from engine.bench.roofline import Hardware, ModelCost, step_seconds
 from engine.cli import main
 
@@ -95,6 +96,20 @@ def test_measure_finds_the_step_window_in_a_real_profiler_trace():
     if torch.cuda.is_available():
         pytest.skip("on CPU only: with CUDA the fraction is not known in advance")
     calls = []
-    fraction, intervals = measure(lambda: calls.append(torch.ones(256).sum()), 3)
-    assert len(calls) == 3
+    fraction, intervals = measure(lambda: calls.append(torch.ones(256).sum()), 3, warmup_steps=2)
+    assert len(calls) == 5
     assert (fraction, intervals) == (0.0, 0)
+
+
+def test_only_the_steps_after_the_warm_up_are_recorded():
+    calls = []
+
+    def step():
+        calls.append(len(calls))
+        torch.ones(64).sum()
+
+    trace = profile_steps(step, num_steps=4, warmup_steps=3)
+    marks = [e for e in trace["traceEvents"]
+             if e.get("name") == STEP_MARK and e.get("ph") == "X" and e.get("cat") != "gpu_user_annotation"]
+    assert calls == list(range(7))
+    assert len(marks) == 4
