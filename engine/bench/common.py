@@ -109,7 +109,8 @@ def hf_config_dict(path: str) -> dict:
 def engine_kwargs(args: argparse.Namespace, path: str, random_weights: bool, dtype: str, max_model_len: int,
                   *, async_scheduling: bool | None = None, enforce_eager: bool | None = None) -> dict:
     """`LLM(**kwargs)` for a benchmark: token-id prompts only, flags mapped onto EngineConfig."""
-    kwargs = dict(model=path, dtype=dtype, device=args.device, max_model_len=max_model_len, seed=args.seed, skip_tokenizer_init=True,
+    kwargs = dict(model=path, dtype=dtype, device=args.device, max_model_len=max_model_len, seed=args.seed,
+                  skip_tokenizer_init=True,
                   async_scheduling=not args.no_async_scheduling if async_scheduling is None else async_scheduling,
                   enforce_eager=args.enforce_eager if enforce_eager is None else enforce_eager)
     if random_weights:

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         engine = _run_engine(args, path, random_weights, dtype)
     cost = engine.pop("cost")
     records = engine.pop("records")
+    limits = {name: engine.pop(name) for name in ("max_num_seqs", "max_num_batched_tokens")}
     roof_s = roofline.records_seconds(cost, hw, records)
     roof = {"seconds": roof_s, "output_tok_s": engine["output_tokens"] / roof_s if roof_s else None,
             "steps": len(records),
@@ -55,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "config": {"model": common.model_label(args), "device": str(device), "dtype": dtype,
                    "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
-                   "max_num_seqs": engine.pop("max_num_seqs"),
-                   "max_num_batched_tokens": engine.pop("max_num_batched_tokens"),
-                   "async_scheduling": not args.no_async_scheduling,
+                   **limits, "async_scheduling": not args.no_async_scheduling,
                    "enforce_eager": args.enforce_eager},
         "hardware": hw.to_dict(),
         "model_cost": cost.to_dict(),
