@@ -10,6 +10,7 @@ phase), so the profiler's own start does not count as the GPU waiting.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
@@ -75,10 +76,16 @@ def profile_steps(step: Callable[[], object], num_steps: int, warmup_steps: int 
             return json.load(f)
 
 
-def measure(step: Callable[[], object], num_steps: int, warmup_steps: int = WARMUP_STEPS) -> tuple[float, int]:
+def measure(step: Callable[[], object], num_steps: int, warmup_steps: int = WARMUP_STEPS,
+            trace_path: str | None = None) -> tuple[float, int]:
     """Busy fraction over `num_steps` profiled steps after `warmup_steps`, and the device intervals seen.
 
+    `trace_path` keeps the Chrome trace (gzipped when it ends in .gz), to see where the GPU waited.
     Without CUDA only the CPU is profiled: the fraction is 0 (nothing runs on a device).
     """
-    work, window = trace_intervals(profile_steps(step, num_steps, warmup_steps))
+    trace = profile_steps(step, num_steps, warmup_steps)
+    if trace_path:
+        with (gzip.open if trace_path.endswith(".gz") else open)(trace_path, "wt") as f:
+            json.dump(trace, f)
+    work, window = trace_intervals(trace)
     return busy_fraction(work, window), len(work)

@@ -12,6 +12,7 @@ is busy during steady decode at the largest batch (`engine.bench.gpu_busy`).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -30,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--busy-steps", type=int, default=50, help="engine steps profiled for GPU busy %%")
     p.add_argument("--compare-async", action="store_true",
                    help="GPU busy %% twice: async scheduling + CUDA graphs on, then both off")
+    p.add_argument("--busy-trace-dir",
+                   help="keep each GPU busy %% measurement's profiler trace here (busy-MODE.json.gz)")
     common.add_model_arguments(p)
 
 
@@ -211,12 +214,16 @@ def _measure_busy(llm, size: int, args: argparse.Namespace, label: str) -> dict:
     clock = _TokenClock()
     while len(clock.first) < size:
         clock.record(engine.step(), time.perf_counter())
-    fraction, intervals = gpu_busy.measure(engine.step, args.busy_steps)
+    trace_path = None
+    if args.busy_trace_dir:
+        os.makedirs(args.busy_trace_dir, exist_ok=True)
+        trace_path = os.path.join(args.busy_trace_dir, f"busy-{label.replace('+', '-')}.json.gz")
+    fraction, intervals = gpu_busy.measure(engine.step, args.busy_steps, trace_path=trace_path)
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
     return {"mode": label, "batch_size": size, "steps": args.busy_steps, "device_intervals": intervals,
-            "busy_fraction": fraction}
+            "busy_fraction": fraction, "trace": trace_path}
 
 
 def format_result(r: dict) -> str:

@@ -101,6 +101,20 @@ def test_measure_finds_the_step_window_in_a_real_profiler_trace():
     assert (fraction, intervals) == (0.0, 0)
 
 
+def test_measure_keeps_the_trace_it_measured(tmp_path):
+    import gzip
+
+    from engine.bench.gpu_busy import measure
+
+    path = tmp_path / "busy.json.gz"
+    measure(lambda: torch.ones(256).sum(), 3, warmup_steps=1, trace_path=str(path))
+    with gzip.open(path, "rt") as f:
+        trace = json.load(f)
+    marks = [e for e in trace["traceEvents"]
+             if e.get("name") == STEP_MARK and e.get("ph") == "X" and e.get("cat") != "gpu_user_annotation"]
+    assert len(marks) == 3
+
+
 def test_only_the_steps_after_the_warm_up_are_recorded():
     calls = []
 
