@@ -39,8 +39,10 @@ class EngineRequest:
 class Request:
     """A request being served: its tokens, how many have KV in the cache, and its block keys.
 
-    `block_hashes[i]` is the chained key of block i of `all_token_ids` (full blocks only), kept
-    current as tokens are appended so prefix caching and offloading can use it at any time.
+    `block_hashes[i]` is the chained key of block i of `all_token_ids` (full blocks only), current
+    whenever it is read: prefix caching and offloading may use it at any time. Keys are computed on
+    first read (at admission), not on arrival, so adding a thousand long prompts does not hash every
+    block before the first step can start.
     """
 
     def __init__(self, req: EngineRequest, *, seed: int, max_tokens: int, block_size: int,
@@ -65,8 +67,7 @@ class Request:
         self.num_preemptions = 0
         self._block_size = block_size
         self._hash_seed = hash_seed
-        self.block_hashes: list[bytes] = []
-        self._update_block_hashes()
+        self._block_hashes: list[bytes] = []
 
     @property
     def num_tokens(self) -> int:
@@ -88,15 +89,18 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
-        if self.num_tokens % self._block_size == 0:
-            self._update_block_hashes()
 
-    def _update_block_hashes(self) -> None:
+    @property
+    def block_hashes(self) -> list[bytes]:
+        """Keys of every full block of `all_token_ids`, extended on read for blocks filled since."""
+        hashes = self._block_hashes
         bs = self._block_size
-        parent = self.block_hashes[-1] if self.block_hashes else self._hash_seed
-        for start in range(len(self.block_hashes) * bs, self.num_tokens - bs + 1, bs):
-            parent = chain_hash(parent, self.all_token_ids[start:start + bs])
-            self.block_hashes.append(parent)
+        if len(hashes) < len(self.all_token_ids) // bs:
+            parent = hashes[-1] if hashes else self._hash_seed
+            for start in range(len(hashes) * bs, len(self.all_token_ids) - bs + 1, bs):
+                parent = chain_hash(parent, self.all_token_ids[start:start + bs])
+                hashes.append(parent)
+        return hashes
 
     @property
     def finish_reason(self) -> str | None:
