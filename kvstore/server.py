@@ -66,15 +66,20 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         if first is None or first.WhichOneof("item") != "header":
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message of a Put stream must be a PutHeader")
         header = first.header
-        ttl_s = header.ttl_s if header.HasField("ttl_s") else None
-        tiers = list(header.tiers) or None
         try:
-            self._limits.check_namespace(header.namespace)
-            self._limits.check_tiers(tiers or [], self._tier_names)
-            self._limits.check_ttl(ttl_s)
+            tiers, ttl_s = self._put_target(header)
             return pb.PutResponse(stored=self._put_blocks(stream, header.namespace, tiers, ttl_s, context))
         except LimitError as error:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+    def _put_target(self, header: pb.PutHeader) -> tuple[list[str] | None, float | None]:
+        """A Put header's (tiers, TTL), checked against the limits; raises LimitError."""
+        ttl_s = header.ttl_s if header.HasField("ttl_s") else None
+        tiers = list(header.tiers) or None
+        self._limits.check_namespace(header.namespace)
+        self._limits.check_tiers(tiers or [], self._tier_names)
+        self._limits.check_ttl(ttl_s)
+        return tiers, ttl_s
 
     def _put_blocks(self, stream, namespace: str, tiers: list[str] | None, ttl_s: float | None,
                     context: grpc.ServicerContext) -> int:
@@ -157,12 +162,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     def PutShm(self, request: pb.PutShmRequest, context: grpc.ServicerContext) -> pb.PutResponse:
         header = request.header
-        ttl_s = header.ttl_s if header.HasField("ttl_s") else None
-        tiers = list(header.tiers) or None
         try:
-            self._limits.check_namespace(header.namespace)
-            self._limits.check_tiers(tiers or [], self._tier_names)
-            self._limits.check_ttl(ttl_s)
+            tiers, ttl_s = self._put_target(header)
             self._limits.check_block_count(len(request.blocks))
             session = self._shm.get(request.session_id)
             for i, block in enumerate(request.blocks):

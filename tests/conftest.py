@@ -5,7 +5,9 @@ pytest puts `tests/` on sys.path for this file, so tests import the helpers as `
 
 from __future__ import annotations
 
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +36,18 @@ def s3_bucket(moto_endpoint):
     bucket = f"tierkv-{uuid.uuid4().hex[:12]}"
     make_bucket(moto_endpoint, bucket)
     return moto_endpoint, bucket
+
+
+def _shm_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("tierkv-*")}
+
+
+@pytest.fixture
+def no_shm_leftovers():
+    """The test leaves /dev/shm as it found it (a daemon unlinks a segment shortly after its session ends)."""
+    before = _shm_segments()
+    yield
+    deadline = time.monotonic() + 5
+    while _shm_segments() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _shm_segments() - before == set()

@@ -3,9 +3,7 @@ the payload path takes over when the daemon refuses it, and nothing is left in /
 
 from __future__ import annotations
 
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -20,18 +18,7 @@ SUFFIX_A, SUFFIX_B = tokens(12, 40), tokens(13, 50)
 BLOCK_BYTES = 128 * 1024   # one 256-token block of the tiny model
 
 
-def _ours() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("tierkv-*")}
-
-
-@pytest.fixture(autouse=True)
-def no_leftovers():
-    before = _ours()
-    yield
-    deadline = time.monotonic() + 5
-    while _ours() - before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _ours() - before == set()
+pytestmark = pytest.mark.usefixtures("no_shm_leftovers")  # every test leaves /dev/shm as it found it
 
 
 def _rpc_counts(metrics_port: int) -> dict[str, float]:

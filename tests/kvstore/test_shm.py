@@ -27,19 +27,7 @@ SLOT = 1 << 20
 TOKEN = "tok-shm-7d2a"
 
 
-def _ours() -> set[str]:
-    return {p.name for p in SHM.glob("tierkv-*")}
-
-
-@pytest.fixture(autouse=True)
-def no_leftovers():
-    """Every test leaves /dev/shm as it found it."""
-    before = _ours()
-    yield
-    deadline = time.monotonic() + 5
-    while _ours() - before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _ours() - before == set()
+pytestmark = pytest.mark.usefixtures("no_shm_leftovers")  # every test leaves /dev/shm as it found it
 
 
 def _rpcs(method: str, code: str = "OK") -> float:
