@@ -93,6 +93,11 @@ class OutputProcessor:
         return results, to_abort
 
     def _append(self, state: _RequestState, out: EngineCoreOutput) -> bool:
+        if self.tokenizer is None and state.logprobs is None:
+            # No text and no logprobs to build: the tokens are all there is (stop strings need a
+            # tokenizer, refused at add_request).
+            state.token_ids += out.new_token_ids
+            return False
         params = state.params
         for i, token in enumerate(out.new_token_ids):
             state.token_ids.append(token)

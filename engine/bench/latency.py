@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
     p.add_argument("--gpu-busy", action="store_true",
                    help="measure GPU busy %% during steady decode at the largest batch (CUDA only)")
-    p.add_argument("--busy-steps", type=int, default=50, help="engine steps profiled for GPU busy %%")
+    p.add_argument("--busy-steps", type=int, default=100, help="engine steps profiled for GPU busy %%")
     p.add_argument("--compare-async", action="store_true",
                    help="GPU busy %% twice: async scheduling + CUDA graphs on, then both off")
     p.add_argument("--busy-trace-dir",

@@ -102,7 +102,7 @@ class EngineCore:
         self._rng = random.Random(config.seed)
         # Async scheduling: the step enqueued on the device whose tokens are not read yet.
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
-        self._last_sampling: tuple[list[Request], SamplingBatch] | None = None
+        self._last_sampling: tuple[list[Request], SamplingBatch, bool] | None = None
         self.step_records: list[StepRecord] | None = None  # the benchmarks switch it on with []
         self._hash_seed = self.namespace.digest()
 
@@ -210,19 +210,21 @@ class EngineCore:
         rows = [sr.request for sr in out.scheduled if sr.sample]
         if not rows:
             return None, []
-        params = [r.sampling_params for r in rows]
         last = self._last_sampling
         if last is not None and last[0] == rows and last[1].output_token_counts is None:
             # Steady decode: the same requests, each one token further; only the positions move.
             batch = dataclasses.replace(last[1], output_pos=last[1].output_pos + 1)
+            uses_min_tokens = last[2]
         else:
+            params = [r.sampling_params for r in rows]
             batch = SamplingBatch.build(
                 params, [r.seed for r in rows], [r.num_planned_outputs - 1 for r in rows],
                 [r.prompt_token_ids for r in rows], [r.output_token_ids for r in rows],
                 self.model_config.vocab_size, self.device)
-        self._last_sampling = (rows, batch)
+            uses_min_tokens = any(p.min_tokens for p in {id(p): p for p in params}.values())
+        self._last_sampling = (rows, batch, uses_min_tokens)
         banned = []
-        if not any(p.min_tokens for p in {id(p): p for p in params}.values()):
+        if not uses_min_tokens:
             return batch, banned
         for i, r in enumerate(rows):
             params = r.sampling_params

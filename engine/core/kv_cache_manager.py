@@ -66,7 +66,7 @@ class KVCacheManager:
         if not new_computed_blocks and register:
             blocks = self.req_blocks.get(request.request_id)
             if blocks is not None and request.num_computed_tokens + num_new_tokens <= len(blocks) * self.block_size \
-                    and min(request.num_computed_tokens + num_new_tokens, request.num_tokens) < \
+                    and min(request.num_computed_tokens + num_new_tokens, len(request.all_token_ids)) < \
                     (self._num_cached.get(request.request_id, 0) + 1) * self.block_size:
                 return True  # the common decode step: room in its last block, no block newly full
         new_computed_blocks = new_computed_blocks or []

@@ -19,6 +19,10 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
 
+    # Members are singletons compared by identity; Enum's own __hash__ is a Python call, and the
+    # status is tested against FINISHED for every request in every step.
+    __hash__ = object.__hash__
+
 
 FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
                       RequestStatus.FINISHED_ABORTED})

@@ -134,17 +134,20 @@ class Scheduler:
         if self.connector is not None:
             self._admit_loaded()
         budget = self.max_num_batched_tokens
+        max_model_len = self.max_model_len
+        allocate = self.kv.allocate_slots
+        running = self.running
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        while i < len(running) and budget > 0:
+            request = running[i]
             pending = request.num_pending_outputs
             planned = len(request.all_token_ids) + pending
             if pending and (len(request.output_token_ids) + pending >= request.max_tokens
-                            or planned >= self.max_model_len):
+                            or planned >= max_model_len):
                 i += 1  # every token it may produce is sampled already and only waits to be read
                 continue
             n = min(planned - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, n, out):
+            if not allocate(request, n) and not self._allocate_or_preempt(request, n, out):
                 break
             self._add(out, request, n)
             budget -= n
@@ -242,24 +245,25 @@ class Scheduler:
                 continue
             request.num_pending_outputs -= 1
             request.append_output_token(token)
-            self.generation_tokens += 1
             status = self._check_stop(request, token)
             if status is not None:
                 # A request preempted while this step ran waits in the queue; it can finish there.
                 (self.running if request.status == RequestStatus.RUNNING else self.waiting).remove(request)
                 self._finish(request, status)
             updated.append(request)
+        self.generation_tokens += len(updated)
         return updated
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
+        num_outputs = len(request.output_token_ids)
+        if num_outputs >= params.min_tokens:
             if not params.ignore_eos and token in self.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
             if params.stop_token_ids and token in params.stop_token_ids:
                 request.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+        if num_outputs >= request.max_tokens or len(request.all_token_ids) >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
