@@ -15,8 +15,8 @@ only after every earlier step that read it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
