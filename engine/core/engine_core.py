@@ -160,6 +160,10 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        # Stop ids index the logits when min_tokens bans them: one out of range would fail the whole step.
+        bad_stop = [t for t in req.sampling_params.stop_token_ids or () if t >= vocab]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids must lie in [0, {vocab}), got {bad_stop[0]}")
         if req.request_id in self.scheduler.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         params = req.sampling_params
