@@ -52,12 +52,11 @@ def test_dispatcher_uses_the_reference_on_cpu():
 
 
 # Runs in a fresh interpreter: triton reads TRITON_INTERPRET when a kernel is defined, so the
-# environment must be set before kernels.sampler is first imported.
+# environment must be set before kernels.sampler_triton is first imported.
 INTERPRETER_SCRIPT = """
 import json, torch
-from kernels.sampler import (
-    apply_penalties_reference, apply_penalties_triton, sample_tokens_reference, sample_tokens_triton,
-)
+from kernels.sampler import apply_penalties_reference, sample_tokens_reference
+from kernels.sampler_triton import apply_penalties_triton, sample_tokens_triton
 
 g = torch.Generator().manual_seed(0)
 rows, vocab = 24, 300
