@@ -10,6 +10,7 @@ Import the reference modules by their full name (``from kernels.rms_norm import 
 from torch import Tensor
 
 from kernels.activation import silu_and_mul_ref
+from kernels.block_checksum import as_words, chunk_sums_ref, combine
 from kernels.input_prep import StepTensors, prepare_inputs_ref
 from kernels.kv_cache_ops import gather_blocks_ref, scatter_blocks_ref, write_kv_ref
 from kernels.paged_attention import paged_attention_ref
@@ -17,6 +18,7 @@ from kernels.rms_norm import rms_norm_ref
 from kernels.rotary import rotary_embedding_ref
 
 __all__ = [
+    "block_checksums",
     "gather_blocks",
     "paged_attention",
     "prepare_inputs",
@@ -123,3 +125,14 @@ def prepare_inputs(
 
         return prepare_inputs_triton(*args)
     return prepare_inputs_ref(*args)
+
+
+def block_checksums(pages: Tensor, page_ids: Tensor | None, pages_per_block: int) -> Tensor:
+    """Data checksums [n] int64 of the blocks made of pages ``page_ids`` (ppb per block, in order) of
+    ``pages`` (any contiguous tensor whose first dim is the page); all pages in order if None."""
+    words = as_words(pages)
+    if words.is_cuda:
+        from kernels.block_checksum_triton import chunk_sums_triton
+
+        return combine(chunk_sums_triton(words, page_ids), pages_per_block)
+    return combine(chunk_sums_ref(words, page_ids), pages_per_block)

@@ -1,0 +1,214 @@
+"""The CPU tier as a slab: fixed-size block slots in one host buffer, and an index over slot numbers.
+
+A block never lives in a Python object: its bytes sit in a slot of one big buffer (pinned host
+memory in the engine, a shared-memory segment in the daemon), and DMA moves them between GPU pages
+and slots directly. What this class keeps is metadata only: which (namespace, key) is in which
+slot, its checksum and expiry, an LRU order, and leases.
+
+A lease keeps a slot's bytes from changing while someone reads or writes them: `allocate` leases
+empty slots for a save, `acquire` leases the slots of present blocks for a load. Eviction never
+takes a leased slot; a block deleted or replaced while leased keeps its slot until the last lease
+goes, then the slot is free. So a DMA in flight always reads or writes the bytes it was given.
+
+Eviction is LRU, touched tail-first: within one acquire the blocks of a chain are touched from last
+to first, so the head of a chain (the shared system prompt every request starts with) is the most
+recently used and tails age out first. A lookup stops at the first miss, so losing a head would
+hide every block after it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kvstore.tiers.base import TierUsage
+
+_NO_EXPIRY = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class SlotBlock:
+    """A block held in a slot: where it is and what it must check against."""
+
+    slot: int
+    checksum: int
+    expires_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class EvictedSlot:
+    """A block pushed out of the slab to make room (its slot's bytes are intact during `on_evict`)."""
+
+    namespace: str
+    key: bytes
+    block: SlotBlock
+
+
+class Slab:
+    """`num_slots` slots of `slot_bytes` each over `buffer`; thread-safe.
+
+    `on_evict(evicted)` is called (under the slab's lock, before the slots are reused) with the
+    blocks a call pushed out, so a lower tier can take a copy of their bytes.
+    """
+
+    def __init__(self, buffer, num_slots: int, slot_bytes: int, *, name: str = "memory",
+                 ttl_s: float | None = None, on_evict: Callable[[list[EvictedSlot]], None] | None = None) -> None:
+        if num_slots < 1 or slot_bytes < 1:
+            raise ValueError(f"slab: num_slots and slot_bytes must be positive, got {num_slots}, {slot_bytes}")
+        self.buffer = buffer
+        self._view = memoryview(buffer).cast("B")
+        if len(self._view) < num_slots * slot_bytes:
+            raise ValueError(f"slab: the buffer holds {len(self._view)} bytes, {num_slots} slots need "
+                             f"{num_slots * slot_bytes}")
+        self.name = name
+        self.num_slots = num_slots
+        self.slot_bytes = slot_bytes
+        self.ttl_s = ttl_s
+        self._on_evict = on_evict
+        self._lock = threading.Lock()
+        self._index: dict[tuple[str, bytes], SlotBlock] = {}
+        self._owner: list[tuple[str, bytes] | None] = [None] * num_slots   # indexed entry of each slot
+        self._deadline = [_NO_EXPIRY] * num_slots
+        self._leases = [0] * num_slots
+        self._lru: OrderedDict[int, None] = OrderedDict()   # indexed slots, least recently used first
+        self._free = list(range(num_slots - 1, -1, -1))     # popped from the end: low slots first
+        self._per_namespace: dict[str, int] = {}
+
+    # --- reads ----------------------------------------------------------------------------------
+    def lookup(self, namespace: str, keys: Sequence[bytes]) -> int:
+        """How many leading keys are present (no lease, no LRU touch)."""
+        now = time.time()
+        with self._lock:
+            for i, key in enumerate(keys):
+                if self._live(namespace, key, now) is None:
+                    return i
+        return len(keys)
+
+    def acquire(self, namespace: str, keys: Sequence[bytes]) -> list[SlotBlock]:
+        """Lease the slots of the leading present keys; give them back with `release`."""
+        now = time.time()
+        found: list[SlotBlock] = []
+        with self._lock:
+            for key in keys:
+                block = self._live(namespace, key, now)
+                if block is None:
+                    break
+                found.append(block)
+            for block in reversed(found):
+                self._leases[block.slot] += 1
+                self._lru.move_to_end(block.slot)
+        return found
+
+    def view(self, slot: int) -> memoryview:
+        """The bytes of one slot (valid while the caller holds a lease on it)."""
+        start = slot * self.slot_bytes
+        return self._view[start:start + self.slot_bytes]
+
+    # --- writes ---------------------------------------------------------------------------------
+    def allocate(self, count: int) -> list[int]:
+        """Lease up to `count` empty slots for blocks about to be written; fewer when the rest are leased."""
+        evicted: list[EvictedSlot] = []
+        now = time.time()
+        with self._lock:
+            slots = []
+            while len(slots) < count:
+                if self._free:
+                    slots.append(self._free.pop())
+                    continue
+                victim = next((s for s in self._lru if not self._leases[s]), None)
+                if victim is None:
+                    break
+                namespace, key = self._owner[victim]
+                if self._deadline[victim] > now:   # an expired block is not worth writing down
+                    evicted.append(EvictedSlot(namespace, key, self._index[(namespace, key)]))
+                self._unindex(victim)
+                slots.append(victim)
+            for slot in slots:
+                self._leases[slot] = 1
+            if evicted and self._on_evict is not None:
+                self._on_evict(evicted)
+        return slots
+
+    def commit(self, namespace: str, keys: Sequence[bytes], slots: Sequence[int], checksums: Sequence[int],
+               expires_at: float | None = None, *, keep_lease: bool = False) -> None:
+        """Index blocks written into allocated slots; a key already present keeps its older copy."""
+        with self._lock:
+            for key, slot, checksum in zip(keys, slots, checksums):
+                if (namespace, key) in self._index:
+                    continue
+                block = SlotBlock(slot, checksum, expires_at)
+                self._index[(namespace, key)] = block
+                self._owner[slot] = (namespace, key)
+                self._deadline[slot] = self._deadline_of(block)
+                self._lru[slot] = None
+                self._per_namespace[namespace] = self._per_namespace.get(namespace, 0) + 1
+            if not keep_lease:
+                self._release(slots)
+
+    def release(self, slots: Sequence[int]) -> None:
+        """End leases taken by `allocate` or `acquire`; a slot no block owns any more becomes free."""
+        with self._lock:
+            self._release(slots)
+
+    def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
+        """Remove keys; the number that were present."""
+        with self._lock:
+            slots = [block.slot for key in keys if (block := self._index.get((namespace, key))) is not None]
+            for slot in slots:
+                self._drop(slot)
+        return len(slots)
+
+    def clear(self, namespace: str) -> int:
+        """Remove every block of one namespace (exactly that name); the number removed."""
+        with self._lock:
+            slots = [block.slot for (ns, _), block in self._index.items() if ns == namespace]
+            for slot in slots:
+                self._drop(slot)
+        return len(slots)
+
+    def usage(self) -> dict[str, TierUsage]:
+        with self._lock:
+            return {ns: TierUsage(n, n * self.slot_bytes) for ns, n in self._per_namespace.items()}
+
+    @property
+    def num_free(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+    # --- internals (lock held) --------------------------------------------------------------------
+    def _deadline_of(self, block: SlotBlock) -> float:
+        own = time.time() + self.ttl_s if self.ttl_s is not None else _NO_EXPIRY
+        return min(own, block.expires_at if block.expires_at is not None else _NO_EXPIRY)
+
+    def _live(self, namespace: str, key: bytes, now: float) -> SlotBlock | None:
+        block = self._index.get((namespace, key))
+        if block is not None and self._deadline[block.slot] <= now:
+            self._drop(block.slot)
+            return None
+        return block
+
+    def _unindex(self, slot: int) -> None:
+        namespace, key = self._owner[slot]
+        del self._index[(namespace, key)]
+        self._owner[slot] = None
+        self._deadline[slot] = _NO_EXPIRY
+        del self._lru[slot]
+        left = self._per_namespace[namespace] - 1
+        if left:
+            self._per_namespace[namespace] = left
+        else:
+            del self._per_namespace[namespace]
+
+    def _drop(self, slot: int) -> None:
+        self._unindex(slot)
+        if not self._leases[slot]:
+            self._free.append(slot)
+
+    def _release(self, slots: Sequence[int]) -> None:
+        for slot in slots:
+            self._leases[slot] -= 1
+            if not self._leases[slot] and self._owner[slot] is None:
+                self._free.append(slot)
