@@ -1,10 +1,18 @@
-"""`tierkv` command line: generate, serve, bench."""
+"""`tierkv` command line: generate, serve, bench.
+
+Each command parses its own arguments (serve's are vLLM's), so the first word picks the command and
+the rest goes to it untouched; the top-level parser only answers ``--help`` and ``--version`` and
+rejects unknown commands. It imports nothing heavy: ``tierkv --help`` must not load torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from engine.bench.cli import BENCHMARKS
 
 
 def _generate(argv: list[str]) -> int:
@@ -46,14 +54,56 @@ def _bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+COMMANDS = {
+    "generate": (_generate, "answer one prompt and print the text (default model: the embedded SmolLM2-135M-Instruct)"),
+    "serve": (_serve, "OpenAI-compatible HTTP server on 0.0.0.0:8000 (/v1/completions, /v1/chat/completions, "
+                      "/metrics)"),
+    "bench": (_bench, "measure and print a table; `tierkv bench <name>`:"),
+}
+
+DESCRIPTION = """tierkv: an LLM inference engine (paged KV cache, prefix caching, continuous batching,
+KV-cache offload to the kvstore daemon).
+
+commands:
+{commands}"""
+
+EPILOG = """`tierkv <command> --help` lists a command's flags. Examples:
+  tierkv generate --prompt "What is the capital of France?"
+  tierkv serve /path/to/hf-dir-or.gguf --port 8000
+  tierkv bench throughput --help"""
+
+
+def package_version() -> str:
+    """The installed distribution's version (the server's ``/version`` says the same)."""
+    try:
+        return version("tierkv")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: the command list for ``--help``, ``--version``, unknown commands refused."""
+    lines = [f"  {name:<10}{help_line}" for name, (_, help_line) in COMMANDS.items()]
+    width = max(map(len, BENCHMARKS))
+    lines += [f"    {name:<{width}}  {help_line}" for name, (_, help_line) in BENCHMARKS.items()]
+    parser = argparse.ArgumentParser(
+        prog="tierkv", usage="%(prog)s [-h] [--version] {" + ",".join(COMMANDS) + "} ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION.format(commands="\n".join(lines)), epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument("command", nargs="?", choices=COMMANDS, help=argparse.SUPPRESS)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"generate": _generate, "serve": _serve, "bench": _bench}
-    if not argv or argv[0] not in commands:
-        print(f"usage: tierkv {{{','.join(commands)}}} ...", file=sys.stderr)
-        return 2
-    return commands[argv[0]](argv[1:])
+    if argv and argv[0] in COMMANDS:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return COMMANDS[argv[0]][0](argv[1:])
+    parser = build_parser()
+    parser.parse_args(argv)  # exits: 0 after --help or --version, 2 on an unknown command or flag
+    parser.print_help(sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
