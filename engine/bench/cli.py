@@ -10,8 +10,8 @@ import importlib
 BENCHMARKS = {
     "throughput": ("engine.bench.throughput", "Offline throughput: prompts through the engine, tokens/s"),
     "latency": ("engine.bench.latency", "Per-request latency: time to first token and inter-token latency"),
-    "offload": ("engine.bench.offload", "Offload: TTFT cold vs a prefix hit from each tier; decode ITL with "
-                                        "saving on vs off"),
+    "offload": ("engine.bench.offload", "Offload: TTFT cold vs a prefix hit from each tier, save/load GB/s vs "
+                                        "the plain copies; decode ITL with saving on vs off, a load in flight"),
 }
 
 

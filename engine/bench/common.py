@@ -41,12 +41,13 @@ ARCHS: dict[str, dict] = {
 }
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags every engine benchmark takes: the model and the engine settings."""
+def add_model_arguments(p: argparse.ArgumentParser, default_model: str = "qwen3-0.6b") -> None:
+    """Flags every engine benchmark takes: the model and the engine settings. `default_model` only
+    words the help: what the benchmark serves when neither --model nor --arch is given."""
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", help="HF directory or GGUF file (real weights)")
     source.add_argument("--arch", choices=sorted(ARCHS),
-                        help="random weights of this model shape (default: qwen3-0.6b when --model is not given)")
+                        help=f"random weights of this model shape (default: {default_model} when --model is not given)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's for this device")

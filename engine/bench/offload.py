@@ -1,26 +1,45 @@
-"""Offload: TTFT cold vs a prefix hit from each tier, and decode inter-token latency with saving on vs off.
+"""Offload at PCIe speed: TTFT cold vs a prefix hit from each tier, save and load rates against the
+plain copies of the same bytes, and decode inter-token latency with saving on vs off and with a load
+in flight.
 
-One engine with an embedded store of every tier asked for (memory always; Redis and S3 from URLs, or
-started here with --start-redis / --start-moto). For each tier, a fresh random prompt is served cold
-(its blocks written to that tier only), the GPU prefix cache is emptied, and the same prompt is served
-again: its prefix now comes from that tier alone. The load rate (bytes loaded over the connector's
-load time, fetch and scatter into pages) is set against a plain copy of the same bytes measured in the
-same run: host memcpy on CPU, pinned host-to-device on CUDA. Then concurrent decodes run on the same
-engine, alternately with the policy saving their blocks and refusing them (no lookup, no save), and
-the inter-token latencies are compared. The per-request choices go through a policy class,
-`engine.bench.offload:TiersFromMetadata`, which reads them from the request's metadata.
+One engine (`--model`, or `--arch` random weights as in the other benches; default the embedded
+SmolLM2) with an embedded store of every tier asked for: memory always; Redis and S3 from URLs, or
+started here with --start-redis / --start-moto. Before any measurement, a prompt as long as the
+longest measured one is served with offload off (the first long prefill of a process pays one-time
+costs), then once through each tier (the first save and load pay theirs: pinned rings, connections).
+
+Rows: for every tier and every `--prompt-lens` length (`--repeats` times, each with fresh random
+prompts), the prompt is served cold, its blocks saved to that tier only; the GPU prefix cache is
+emptied and the prompt served again, its prefix now loaded from that tier alone. Each row sets
+
+- save GB/s: bytes saved over the connector's save time (`tierkv:offload_saved_bytes` over
+  `tierkv:offload_save_seconds_sum`, from the save being issued to the bytes being in the store)
+  during the cold request, against a plain pinned device-to-host copy of the same bytes;
+- load GB/s: bytes loaded over the load time (`tierkv:offload_loaded_bytes` over
+  `tierkv:offload_load_seconds_sum`, from load start to pages ready) during the hit, against a plain
+  pinned host-to-device copy of the same bytes.
+
+Both copies are measured in the same run, right after the request (on CPU both are host memcpy).
+With --repeats N > 1 the table shows medians and the JSON every run and min/median/max bands.
+
+Decode: `--decode-requests` concurrent decodes, alternately with the policy saving their blocks and
+refusing them (no lookup, no save); mean and p99 inter-token latencies, on over off. Load in flight:
+the same decodes, once plain and once with a prompt of the longest length loaded from the memory tier
+while they run; the p99 gap of the steps the load spans over the p99 of the plain run's decode.
+The per-request choices go through a policy class, `engine.bench.offload:TiersFromMetadata`, which
+reads them from the request's metadata.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -28,9 +47,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from engine.bench import common
 from engine.connector.policy import Decision, RequestInfo
-from engine.llm import LLM
+from engine.models.config import resolve_model_path
 from engine.sampling.params import SamplingParams
+
+_FLUSH_S = 300.0
 
 
 class TiersFromMetadata:
@@ -42,23 +64,49 @@ class TiersFromMetadata:
 
 
 @dataclass
-class TierResult:
+class TierRun:
+    """One repetition of one row: a prompt served cold (saved to `tier`), then as a hit from `tier`."""
+
     tier: str
     prompt_tokens: int
     cold_ttft_s: float
     hit_ttft_s: float
-    hit_tokens: int          # tokens the lookup found in this tier (all of the hit, or the tier was not alone)
+    saved_bytes: int
+    save_s: float                # Σ save time of the cold request's saves
+    dropped_saves: int           # blocks the save queue refused (then the hit is partial)
+    d2h_copy_gb_per_s: float | None
+    hit_tokens: int              # tokens the lookup found in this tier
     loaded_tokens: int
-    load_gb_per_s: float
-    copy_gb_per_s: float     # the same bytes copied plainly, measured right after the load
+    loaded_bytes: int
+    load_s: float
+    h2d_copy_gb_per_s: float | None
 
     @property
-    def speedup(self) -> float:
-        return self.cold_ttft_s / self.hit_ttft_s
+    def hit_over_cold(self) -> float:
+        return self.hit_ttft_s / self.cold_ttft_s
 
     @property
-    def load_fraction(self) -> float:
-        return self.load_gb_per_s / self.copy_gb_per_s if self.copy_gb_per_s else 0.0
+    def save_gb_per_s(self) -> float | None:
+        return self.saved_bytes / self.save_s / 1e9 if self.save_s else None
+
+    @property
+    def load_gb_per_s(self) -> float | None:
+        return self.loaded_bytes / self.load_s / 1e9 if self.load_s else None
+
+    @property
+    def save_of_copy(self) -> float | None:
+        return _fraction(self.save_gb_per_s, self.d2h_copy_gb_per_s)
+
+    @property
+    def load_of_copy(self) -> float | None:
+        return _fraction(self.load_gb_per_s, self.h2d_copy_gb_per_s)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {name: getattr(self, name) for name in _DERIVED}
+
+
+_DERIVED = ("hit_over_cold", "save_gb_per_s", "load_gb_per_s", "save_of_copy", "load_of_copy")
+_MEDIANS = ("cold_ttft_s", "hit_ttft_s", "d2h_copy_gb_per_s", "h2d_copy_gb_per_s") + _DERIVED
 
 
 @dataclass
@@ -72,12 +120,19 @@ class DecodeResult:
     saved_blocks: int
 
 
+def _fraction(part: float | None, whole: float | None) -> float | None:
+    return part / whole if part is not None and whole else None
+
+
+# --- arguments ------------------------------------------------------------------------------------
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF directory or GGUF file (default: the embedded SmolLM2-135M)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--prompt-len", type=int, default=4096, help="tokens of the long prompt (TTFT part)")
-    p.add_argument("--block-size", type=int, default=256, help="tokens per offloaded block")
-    p.add_argument("--cpu-bytes", default="4GiB", help="memory tier budget")
+    p.add_argument("--prompt-lens", "--prompt-len", dest="prompt_lens", default="4096",
+                   help="comma-separated prompt lengths of the TTFT rows (each below the model's max positions)")
+    p.add_argument("--offload-block-size", type=int, default=256, help="tokens per offloaded block")
+    p.add_argument("--cpu-bytes", default="4GiB", help="memory tier budget (must hold the longest prompt)")
+    p.add_argument("--max-pending-saves", type=int, default=None,
+                   help="staged save blocks (default: enough for the longest prompt and the decodes)")
     p.add_argument("--redis-url", help="measure a Redis tier at this URL")
     p.add_argument("--start-redis", action="store_true", help="start a private redis-server for the Redis tier")
     p.add_argument("--s3-endpoint", help="host:port of an S3 endpoint (http) for the S3 tier")
@@ -85,72 +140,215 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s3-access-key", default="bench-access-key")
     p.add_argument("--s3-secret-key", default="bench-secret-key")
     p.add_argument("--start-moto", action="store_true", help="start moto's S3 server here for the S3 tier")
-    p.add_argument("--decode-requests", type=int, default=8, help="concurrent decodes (ITL part)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="repetitions of every TTFT row, decode run and load-in-flight run (bands when > 1)")
+    p.add_argument("--decode-requests", type=int, default=None,
+                   help="concurrent decodes (default: 64 on CUDA, 8 on CPU)")
     p.add_argument("--decode-prompt-len", type=int, default=224,
-                   help="prompt tokens per decode (just under a block, so saves land mid-decode)")
+                   help="prompt tokens of the first decode; the others +8, +16, +24 (just under a block, "
+                        "so saves land mid-decode)")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per decode")
-    p.add_argument("--repeats", type=int, default=1, help="decode runs per mode (alternating off/on)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--no-load-in-flight", action="store_true", help="skip the decode-with-a-load-in-flight part")
+    common.add_model_arguments(p, default_model="the embedded SmolLM2-135M")
 
+
+def _prompt_lens(text: str) -> list[int]:
+    try:
+        lens = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"tierkv bench offload: --prompt-lens must be comma-separated integers, got {text!r}")
+    if not lens:
+        raise SystemExit("tierkv bench offload: --prompt-lens is empty")
+    return lens
+
+
+def _check_args(args: argparse.Namespace, device: torch.device, raw_config: dict) -> None:
+    """Fill the device-dependent defaults and refuse what cannot be measured."""
+    if args.decode_requests is None:
+        args.decode_requests = 64 if device.type == "cuda" else 8
+    for name in ("repeats", "decode_requests", "decode_prompt_len", "offload_block_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"tierkv bench offload: --{name.replace('_', '-')} must be at least 1")
+    if args.decode_tokens < 2:
+        raise SystemExit("tierkv bench offload: --decode-tokens must be at least 2 (one gap)")
+    short = [n for n in args.prompt_lens if n <= args.offload_block_size]
+    if short:
+        raise SystemExit(f"tierkv bench offload: prompt length {short[0]} holds no whole block to load beyond "
+                         f"the last token; use more than --offload-block-size {args.offload_block_size}")
+    limit = raw_config.get("max_position_embeddings")
+    if limit and _max_model_len(args) > limit:
+        raise SystemExit(f"tierkv bench offload: the model has max_position_embeddings {limit}, and a prompt "
+                         f"must leave room for one generated token: the longest prompt is {limit - 1} "
+                         f"(decodes need {_decode_len(args)})")
+
+
+def _decode_len(args: argparse.Namespace) -> int:
+    return args.decode_prompt_len + 24 + args.decode_tokens
+
+
+def _max_model_len(args: argparse.Namespace) -> int:
+    return max(max(args.prompt_lens) + 1, _decode_len(args))
+
+
+# --- run ------------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
+    args.prompt_lens = _prompt_lens(args.prompt_lens)
+    if args.model is None and args.arch is None:
+        args.model = resolve_model_path(None)  # the embedded SmolLM2: seconds on CPU
+    device = common.bench_device(args)
+    dtype = common.bench_dtype(args, device)
     with ExitStack() as stack:
+        path, raw_config, random_weights = stack.enter_context(common.model_source(args))
+        _check_args(args, device, raw_config)
         tiers = _secondary_tiers(args, stack)
-        llm = _engine(args, tiers)
-        stack.callback(llm.engine.core.close)
+        llm = _engine(args, path, random_weights, dtype, tiers)
+        stack.callback(common.close_engine, llm)
+        _check_memory_tier(llm, args)
         rng = random.Random(args.seed)
-        # The first forwards pay one-time costs (allocator, thread pools): keep them out of the cold row.
-        _ttft(llm, _prompt(llm, rng, args.block_size), {"offload": False})
         names = ["memory"] + [t["type"] for t in tiers]
-        tier_results = [_tier_ttft(llm, name, _prompt(llm, rng, args.prompt_len)) for name in names]
-        decode_results = _decode_itl(llm, args, rng)
-    print(_format(tier_results, decode_results, args))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump({"ttft": [asdict(r) | {"speedup": r.speedup, "load_fraction": r.load_fraction}
-                                for r in tier_results],
-                       "decode": [asdict(r) for r in decode_results]}, out, indent=1)
+        _warm_up(llm, args, names, rng)
+        rows = _tier_rows(llm, args, names, rng)
+        decode = _decode_itl(llm, args, rng)
+        in_flight = None if args.no_load_in_flight else _load_in_flight(llm, args, rng)
+    result = {"config": _config(args, device, dtype, names), "ttft": rows, "decode": [asdict(r) for r in decode],
+              "decode_on_over_off": _on_over_off(decode), "load_in_flight": in_flight}
+    common.write_json(args.json, result)
+    print(format_result(result))
     return 0
 
 
-def _engine(args: argparse.Namespace, secondary_tiers: list[dict]) -> LLM:
-    longest = max(args.prompt_len, args.decode_prompt_len + args.decode_requests * 8 + args.decode_tokens)
+def _phase(text: str) -> None:
+    print(f"[bench offload] {text}", file=sys.stderr, flush=True)
+
+
+def _config(args: argparse.Namespace, device: torch.device, dtype: str, tiers: list[str]) -> dict:
+    return {"model": common.model_label(args), "device": str(device), "dtype": dtype, "tiers": tiers,
+            "prompt_lens": args.prompt_lens, "max_model_len": _max_model_len(args),
+            "offload_block_size": args.offload_block_size,
+            "cpu_bytes": args.cpu_bytes, "max_pending_saves": _max_pending_saves(args), "repeats": args.repeats,
+            "decode_requests": args.decode_requests, "decode_prompt_len": args.decode_prompt_len,
+            "decode_tokens": args.decode_tokens}
+
+
+def _max_pending_saves(args: argparse.Namespace) -> int:
+    """Save slots: every block of the longest prompt and one more (its saves must not be dropped, or
+    the hit is partial), and a block per decode."""
+    if args.max_pending_saves is not None:
+        return args.max_pending_saves
+    return max(max(args.prompt_lens) // args.offload_block_size + 1, args.decode_requests)
+
+
+def _engine(args: argparse.Namespace, path: str, random_weights: bool, dtype: str, secondary_tiers: list[dict]):
+    from engine.llm import LLM
+
     cfg = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
            "kv_connector_extra_config": {
-               "block_size": args.block_size, "cpu_bytes_to_use": args.cpu_bytes,
-               "secondary_tiers": secondary_tiers, "max_pending_saves": 4 * args.decode_requests,
+               "block_size": args.offload_block_size, "cpu_bytes_to_use": args.cpu_bytes,
+               "secondary_tiers": secondary_tiers, "max_pending_saves": _max_pending_saves(args),
                "policy": {"class": "engine.bench.offload:TiersFromMetadata"}}}
-    return LLM(args.model, dtype=args.dtype, max_model_len=longest + 16, kv_transfer_config=cfg)
+    _phase(f"engine: {common.model_label(args)}, {dtype}, max_model_len {_max_model_len(args)}")
+    return LLM(**common.engine_kwargs(args, path, random_weights, dtype, _max_model_len(args)),
+               kv_transfer_config=cfg)
 
 
-def _prompt(llm: LLM, rng: random.Random, n: int) -> list[int]:
+def _block_bytes(llm, args: argparse.Namespace) -> int:
+    core = llm.engine.core
+    kv = core.runner.kv_cache
+    return args.offload_block_size // core.config.block_size * kv[0].numel() * kv.element_size()
+
+
+def _check_memory_tier(llm, args: argparse.Namespace) -> None:
+    """The longest prompt's blocks must fit the memory tier, or its hit rows measure a partial load."""
+    from engine.connector.config import parse_kv_transfer_config
+
+    budget = parse_kv_transfer_config(llm.engine.core.config.kv_transfer_config).offload.cpu_bytes_to_use
+    blocks = max(args.prompt_lens) // args.offload_block_size + 1
+    needed = blocks * _block_bytes(llm, args)
+    if budget < needed:
+        raise SystemExit(f"tierkv bench offload: --cpu-bytes {args.cpu_bytes} cannot hold the longest prompt's "
+                         f"{blocks} blocks of {_block_bytes(llm, args) / 2**20:.1f} MiB; pass at least "
+                         f"--cpu-bytes {-(-2 * needed // 2**30)}GiB")
+
+
+def _prompt(llm, rng: random.Random, n: int) -> list[int]:
     vocab = llm.engine.model_config.vocab_size
     return [rng.randrange(vocab) for _ in range(n)]
 
 
-def _tier_ttft(llm: LLM, tier: str, prompt: list[int]) -> TierResult:
+def _warm_up(llm, args: argparse.Namespace, tiers: list[str], rng: random.Random) -> None:
+    """One-time costs out of the measurements: the first long prefill (offload off), the first save and
+    load of each tier (the memory tier at the longest length), the first decode batch."""
+    _phase("warm-up")
+    longest = _prompt(llm, rng, max(args.prompt_lens))
+    _ttft(llm, longest, {"offload": False})
+    for tier in tiers:
+        prompt = longest if tier == "memory" else _prompt(llm, rng, 2 * args.offload_block_size + 1)
+        _tier_run(llm, tier, prompt)
+    _one_decode_run(llm, args, rng, {"offload": False}, max_tokens=2)
+
+
+# --- TTFT rows: cold, then a hit from one tier ----------------------------------------------------
+
+def _tier_rows(llm, args: argparse.Namespace, tiers: list[str], rng: random.Random) -> list[dict]:
+    """Every tier at every prompt length, `repeats` times (repetitions outermost, so drift spreads
+    over the bands instead of landing on one row)."""
+    runs: dict[tuple[str, int], list[TierRun]] = {}
+    for rep in range(args.repeats):
+        for n in args.prompt_lens:
+            for tier in tiers:
+                _phase(f"TTFT {tier}, {n} tokens, repeat {rep + 1}/{args.repeats}")
+                runs.setdefault((tier, n), []).append(_tier_run(llm, tier, _prompt(llm, rng, n)))
+    return [_summary(row) for row in runs.values()]
+
+
+def _tier_run(llm, tier: str, prompt: list[int]) -> TierRun:
     """Cold TTFT (blocks saved to `tier` only), then TTFT with the prefix coming from `tier`."""
+    cold_s, saved_bytes, save_s, dropped = _cold(llm, tier, prompt)
+    llm.engine.core.kv.pool.reset_prefix_cache()
+    d2h = _copy_gb_per_s(saved_bytes, llm.engine.core.device, to_device=False)
+    hit_s, hit_tokens, loaded_tokens, loaded_bytes, load_s = _hit(llm, tier, prompt)
+    h2d = _copy_gb_per_s(loaded_bytes, llm.engine.core.device, to_device=True)
+    return TierRun(tier, len(prompt), cold_s, hit_s, saved_bytes, save_s, dropped, d2h, hit_tokens,
+                   loaded_tokens, loaded_bytes, load_s, h2d)
+
+
+def _metrics(llm) -> dict[str, float]:
+    return llm.engine.core.connector.metrics.snapshot()
+
+
+def _delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+def _cold(llm, tier: str, prompt: list[int]) -> tuple[float, int, float, int]:
+    """(TTFT, bytes saved, Σ save seconds, blocks dropped) of `prompt` served with nothing cached; its
+    blocks stay in the GPU prefix cache."""
     core = llm.engine.core
-    cold = _ttft(llm, prompt, {"tiers": [tier]})
-    core.connector.flush(120.0)
-    core.kv.pool.reset_prefix_cache()
-    before = core.connector.metrics.snapshot()
-    hit = _ttft(llm, prompt, {"tiers": [tier]})
-    core.connector.flush(120.0)  # the hit saves the prompt's last block: keep it out of the decode part
-    after = core.connector.metrics.snapshot()
-
-    def delta(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
-
-    load_s = delta("tierkv:offload_load_seconds_sum")
-    loaded_bytes = int(delta("tierkv:offload_loaded_bytes"))
-    return TierResult(tier, len(prompt), cold, hit, int(delta(f"tierkv:offload_hit_tokens{{tier={tier}}}")),
-                      int(delta("tierkv:offload_loaded_tokens")), loaded_bytes / load_s / 1e9 if load_s else 0.0,
-                      _copy_gb_per_s(loaded_bytes, core.connector.transfer.kv_cache.device))
+    before = _metrics(llm)
+    ttft = _ttft(llm, prompt, {"tiers": [tier]})
+    core.connector.flush(_FLUSH_S)
+    after = _metrics(llm)
+    return (ttft, int(_delta(before, after, "tierkv:offload_saved_bytes")),
+            _delta(before, after, "tierkv:offload_save_seconds_sum"),
+            int(_delta(before, after, "tierkv:offload_dropped_saves")))
 
 
-def _ttft(llm: LLM, prompt: list[int], metadata: dict) -> float:
+def _hit(llm, tier: str, prompt: list[int]) -> tuple[float, int, int, int, float]:
+    """(TTFT, tokens found in `tier`, tokens loaded, bytes loaded, Σ load seconds) of `prompt` served
+    again after the GPU prefix cache was emptied."""
+    core = llm.engine.core
+    before = _metrics(llm)
+    ttft = _ttft(llm, prompt, {"tiers": [tier]})
+    core.connector.flush(_FLUSH_S)  # the hit saves the prompt's last block: keep it out of what follows
+    after = _metrics(llm)
+    return (ttft, int(_delta(before, after, f"tierkv:offload_hit_tokens{{tier={tier}}}")),
+            int(_delta(before, after, "tierkv:offload_loaded_tokens")),
+            int(_delta(before, after, "tierkv:offload_loaded_bytes")),
+            _delta(before, after, "tierkv:offload_load_seconds_sum"))
+
+
+def _ttft(llm, prompt: list[int], metadata: dict) -> float:
     """Seconds from adding the request to its first token coming out of a step."""
     engine = llm.engine
     start = time.perf_counter()
@@ -163,84 +361,244 @@ def _ttft(llm: LLM, prompt: list[int], metadata: dict) -> float:
     return ttft
 
 
-def _copy_gb_per_s(nbytes: int, device: torch.device, repeats: int = 5) -> float:
-    """The ceiling for moving `nbytes` into the KV cache's device: best of `repeats` plain copies
-    (host memcpy on CPU; pinned host-to-device on CUDA, where loads land through pinned memory)."""
+def _copy_gb_per_s(nbytes: int, device: torch.device, *, to_device: bool, repeats: int = 5) -> float | None:
+    """The ceiling for moving `nbytes` between pinned host memory and the KV cache's device: best of
+    `repeats` plain copies (host-to-device or device-to-host; host memcpy on CPU)."""
     if not nbytes:
-        return 0.0
+        return None
     cuda = device.type == "cuda"
-    src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=cuda)
-    dst = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    src, dst = (host, dev) if to_device else (dev, host)
     best = float("inf")
     for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize(device)
+        common.synchronize(device)
         start = time.perf_counter()
         dst.copy_(src, non_blocking=cuda)
-        if cuda:
-            torch.cuda.synchronize(device)
+        common.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return nbytes / best / 1e9
 
 
-def _decode_itl(llm: LLM, args: argparse.Namespace, rng: random.Random) -> list[DecodeResult]:
+def _summary(runs: list[TierRun]) -> dict:
+    """One row: medians over the repetitions, min/median/max bands, and every run."""
+    first = runs[0]
+    row = {"tier": first.tier, "prompt_tokens": first.prompt_tokens,
+           "hit_tokens": min(r.hit_tokens for r in runs), "loaded_tokens": min(r.loaded_tokens for r in runs),
+           "dropped_saves": sum(r.dropped_saves for r in runs)}
+    bands = {name: _band([getattr(r, name) for r in runs]) for name in _MEDIANS}
+    row |= {name: band[1] if band else None for name, band in bands.items()}
+    return row | {"bands": bands, "runs": [r.to_dict() for r in runs]}
+
+
+def _band(values: list[float | None]) -> list[float] | None:
+    present = [v for v in values if v is not None]
+    return [min(present), statistics.median(present), max(present)] if present else None
+
+
+# --- decode: saving on vs off ---------------------------------------------------------------------
+
+def _decode_itl(llm, args: argparse.Namespace, rng: random.Random) -> list[DecodeResult]:
     samples: dict[str, list[float]] = {"off": [], "on": []}
     saved: dict[str, int] = {"off": 0, "on": 0}
-    metrics = llm.engine.core.connector.metrics
-    for _ in range(args.repeats):
+    for rep in range(args.repeats):
         for mode in ("off", "on"):
-            before = metrics.snapshot().get("tierkv:offload_saved_blocks", 0)
+            _phase(f"decode ITL, saving {mode}, repeat {rep + 1}/{args.repeats}")
+            before = _metrics(llm)
             samples[mode] += _one_decode_run(llm, args, rng, {"offload": mode == "on"})
-            llm.engine.core.connector.flush(120.0)
-            saved[mode] += int(metrics.snapshot().get("tierkv:offload_saved_blocks", 0) - before)
+            llm.engine.core.connector.flush(_FLUSH_S)
+            saved[mode] += int(_delta(before, _metrics(llm), "tierkv:offload_saved_blocks"))
     return [_decode_result(mode, args.decode_requests * args.repeats, samples[mode], saved[mode])
             for mode in ("off", "on")]
 
 
-def _one_decode_run(llm: LLM, args: argparse.Namespace, rng: random.Random, metadata: dict) -> list[float]:
-    """Inter-token gaps of `decode_requests` concurrent decodes (prompt lengths staggered by 8 tokens,
-    so each crosses a block boundary, and is saved, at a different step)."""
+def _add_decodes(llm, args: argparse.Namespace, rng: random.Random, metadata: dict,
+                 max_tokens: int | None = None) -> list[str]:
+    """`decode_requests` decodes of prompts decode_prompt_len + 0, 8, 16, 24 tokens in turn: with the
+    defaults each crosses the 256-token block boundary mid-decode, a quarter of them at each of four
+    steps, and is saved then (when saving)."""
+    params = SamplingParams(max_tokens=max_tokens or args.decode_tokens, temperature=0.0, ignore_eos=True)
+    return [llm.engine.add_request(_prompt(llm, rng, args.decode_prompt_len + 8 * (i % 4)), params,
+                                   metadata=metadata)
+            for i in range(args.decode_requests)]
+
+
+def _one_decode_run(llm, args: argparse.Namespace, rng: random.Random, metadata: dict,
+                    max_tokens: int | None = None) -> list[float]:
+    """Inter-token gaps of `decode_requests` concurrent decodes."""
     engine = llm.engine
-    params = SamplingParams(max_tokens=args.decode_tokens, temperature=0.0, ignore_eos=True)
-    last: dict[str, float] = {}
-    gaps: list[float] = []
-    for i in range(args.decode_requests):
-        rid = engine.add_request(_prompt(llm, rng, args.decode_prompt_len + 8 * i), params, metadata=metadata)
-        last[rid] = 0.0
+    clock = _GapClock(_add_decodes(llm, args, rng, metadata, max_tokens))
     while engine.has_unfinished_requests():
-        outputs = engine.step()
+        clock.record(engine.step())
+    return clock.gaps
+
+
+class _GapClock:
+    """Gaps between the tokens of the requests it follows, as the engine's steps return them."""
+
+    def __init__(self, request_ids: list[str]) -> None:
+        self.last: dict[str, float] = {rid: 0.0 for rid in request_ids}
+        self.gaps: list[float] = []
+
+    @property
+    def all_started(self) -> bool:
+        return all(self.last.values())
+
+    def record(self, outputs) -> list[float]:
+        """Note this step's tokens; return the gaps it added."""
         now = time.perf_counter()
+        added = []
         for out in outputs:
-            if last[out.request_id]:
-                gaps.append(now - last[out.request_id])
-            last[out.request_id] = now
-    return gaps
+            if out.request_id not in self.last:
+                continue
+            if self.last[out.request_id]:
+                added.append(now - self.last[out.request_id])
+            self.last[out.request_id] = now
+        self.gaps += added
+        return added
 
 
 def _decode_result(mode: str, requests: int, gaps: list[float], saved: int) -> DecodeResult:
-    ms = sorted(g * 1e3 for g in gaps)
-    return DecodeResult(mode, requests, len(ms), statistics.fmean(ms), ms[len(ms) // 2],
-                        ms[min(len(ms) - 1, int(0.99 * len(ms)))], saved)
+    ms = [g * 1e3 for g in gaps]
+    return DecodeResult(mode, requests, len(ms), statistics.fmean(ms), common.percentile(ms, 50),
+                        common.percentile(ms, 99), saved)
 
 
-def _format(tiers: list[TierResult], decodes: list[DecodeResult], args: argparse.Namespace) -> str:
-    lines = [f"time to first token, {tiers[0].prompt_tokens}-token prompt, {args.block_size}-token blocks",
-             f"{'tier':<8} {'cold s':>8} {'hit s':>8} {'speedup':>8} {'hit tok':>8} {'loaded tok':>11} "
-             f"{'load GB/s':>10} {'copy GB/s':>10} {'of copy':>8}"]
-    for r in tiers:
-        lines.append(f"{r.tier:<8} {r.cold_ttft_s:>8.3f} {r.hit_ttft_s:>8.3f} {r.speedup:>7.1f}x {r.hit_tokens:>8d} "
-                     f"{r.loaded_tokens:>11d} {r.load_gb_per_s:>10.2f} {r.copy_gb_per_s:>10.2f} "
-                     f"{r.load_fraction:>7.1%}")
-    lines += ["", f"inter-token latency, {args.decode_requests} concurrent decodes of {args.decode_tokens} tokens "
-                  f"(prompts {args.decode_prompt_len}+8i tokens)",
-              f"{'saving':<8} {'gaps':>6} {'mean ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'saved blocks':>13}"]
-    for r in decodes:
-        lines.append(f"{r.saving:<8} {r.itl_samples:>6d} {r.itl_mean_ms:>8.2f} {r.itl_p50_ms:>8.2f} "
-                     f"{r.itl_p99_ms:>8.2f} {r.saved_blocks:>13d}")
-    off, on = decodes
-    lines.append(f"saving on / off: mean {on.itl_mean_ms / off.itl_mean_ms:.3f}, "
-                 f"p99 {on.itl_p99_ms / off.itl_p99_ms:.3f}")
+def _on_over_off(decode: list[DecodeResult]) -> dict:
+    off, on = decode
+    return {"itl_mean": on.itl_mean_ms / off.itl_mean_ms, "itl_p99": on.itl_p99_ms / off.itl_p99_ms}
+
+
+# --- decode with a load in flight -----------------------------------------------------------------
+
+def _load_in_flight(llm, args: argparse.Namespace, rng: random.Random) -> dict:
+    """Decode ITL p99 while the blocks of a prompt of the longest length are loaded from the memory
+    tier, over the p99 of the same decodes without it (decodes offload off). The loaded prompt is one
+    token past its whole blocks, so the step that copies them into pages computes just that token."""
+    without: list[float] = []
+    during: list[float] = []
+    steps = loaded = 0
+    for rep in range(args.repeats):
+        _phase(f"decode ITL with a load in flight, repeat {rep + 1}/{args.repeats}")
+        without += _steady_gaps(llm, args, rng)
+        prompt = _stored_prompt(llm, rng, _in_flight_len(args))
+        before = _metrics(llm)
+        gaps, window = _gaps_while_loading(llm, args, rng, prompt)
+        during += gaps
+        steps += window
+        loaded += int(_delta(before, _metrics(llm), "tierkv:offload_loaded_tokens"))
+    p99_without = common.percentile(without, 99) * 1e3
+    p99_during = common.percentile(during, 99) * 1e3 if during else None
+    return {"prompt_tokens": _in_flight_len(args), "loaded_tokens": loaded, "window_steps": steps,
+            "gaps_without": len(without), "gaps_during": len(during),
+            "itl_mean_ms_without": statistics.fmean(without) * 1e3,
+            "itl_mean_ms_during": statistics.fmean(during) * 1e3 if during else None,
+            "itl_p99_ms_without": p99_without, "itl_p99_ms_during": p99_during,
+            "p99_ratio": _fraction(p99_during, p99_without)}
+
+
+def _in_flight_len(args: argparse.Namespace) -> int:
+    """The longest prompt's whole blocks below its last token (what its hit loads), plus one token."""
+    block = args.offload_block_size
+    return (max(args.prompt_lens) - 1) // block * block + 1
+
+
+def _stored_prompt(llm, rng: random.Random, n: int) -> list[int]:
+    """A fresh prompt whose blocks are in the memory tier and not in the GPU prefix cache."""
+    prompt = _prompt(llm, rng, n)
+    _cold(llm, "memory", prompt)
+    llm.engine.core.kv.pool.reset_prefix_cache()
+    return prompt
+
+
+def _steady_gaps(llm, args: argparse.Namespace, rng: random.Random) -> list[float]:
+    """The gaps of the decodes once every one of them has its first token."""
+    engine = llm.engine
+    clock = _GapClock(_add_decodes(llm, args, rng, {"offload": False}))
+    steady: list[float] = []
+    while engine.has_unfinished_requests():
+        started = clock.all_started
+        gaps = clock.record(engine.step())
+        if started:
+            steady += gaps
+    return steady
+
+
+def _gaps_while_loading(llm, args: argparse.Namespace, rng: random.Random,
+                        prompt: list[int]) -> tuple[list[float], int]:
+    """Once every decode has its first token, `prompt` is added (its prefix in the memory tier); the
+    decodes' gaps of the steps from then until its load has finished, and how many steps that was.
+    The decodes run until then however long the load takes, and are aborted after."""
+    engine = llm.engine
+    connector = engine.core.connector
+    ids = _add_decodes(llm, args, rng, {"offload": False}, max_tokens=engine.core.max_model_len)
+    clock = _GapClock(ids)
+    while not clock.all_started and engine.has_unfinished_requests():
+        clock.record(engine.step())
+    load_id = engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0),
+                                 metadata={"tiers": ["memory"]})
+    during: list[float] = []
+    steps = 0
+    seen_pending, loading = False, True
+    while loading and engine.has_unfinished_requests():
+        outputs = engine.step()
+        during += clock.record(outputs)
+        steps += 1
+        pending = connector.has_pending_loads
+        seen_pending |= pending
+        loading = not ((seen_pending and not pending) or any(out.request_id == load_id for out in outputs))
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return during, steps
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+def format_result(r: dict) -> str:
+    c = r["config"]
+    banded = c["repeats"] > 1
+    lines = [f"offload: {c['model']}, {c['dtype']} on {c['device']}, {c['offload_block_size']}-token blocks"
+             + (f", medians of {c['repeats']} repeats [min-max]" if banded else ""),
+             common.table(["tier", "prompt", "cold s", "hit s", "hit/cold", "load GB/s", "H2D copy GB/s", "of copy",
+                           "save GB/s", "D2H copy GB/s", "of copy"],
+                          [_table_row(row, banded) for row in r["ttft"]])]
+    lines += _decode_lines(r)
     return "\n".join(lines)
+
+
+def _table_row(row: dict, banded: bool) -> list:
+    def cell(name: str, percent: bool = False):
+        band = row["bands"][name]
+        if band is None:
+            return None
+        show = common.percent if percent else _number
+        return f"{show(band[1])} [{show(band[0])}-{show(band[2])}]" if banded else show(band[1])
+
+    return [row["tier"], row["prompt_tokens"], row["cold_ttft_s"], row["hit_ttft_s"], cell("hit_over_cold"),
+            cell("load_gb_per_s"), row["h2d_copy_gb_per_s"], cell("load_of_copy", True), cell("save_gb_per_s"),
+            row["d2h_copy_gb_per_s"], cell("save_of_copy", True)]
+
+
+def _number(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _decode_lines(r: dict) -> list[str]:
+    c = r["config"]
+    off, on = r["decode"]
+    ratio = r["decode_on_over_off"]
+    lines = [f"decode ITL, {c['decode_requests']} concurrent decodes of {c['decode_tokens']} tokens: "
+             f"saving off mean {off['itl_mean_ms']:.3g} ms p99 {off['itl_p99_ms']:.3g} ms; "
+             f"on mean {on['itl_mean_ms']:.3g} ms p99 {on['itl_p99_ms']:.3g} ms ({on['saved_blocks']} blocks saved); "
+             f"on/off mean {ratio['itl_mean']:.3f}, p99 {ratio['itl_p99']:.3f}"]
+    f = r["load_in_flight"]
+    if f:
+        during = "-" if f["itl_p99_ms_during"] is None else f"{f['itl_p99_ms_during']:.3g} ms"
+        ratio = "-" if f["p99_ratio"] is None else f"{f['p99_ratio']:.3f}"
+        lines.append(f"load in flight ({f['prompt_tokens']}-token prompt from memory, {f['window_steps']} steps): "
+                     f"ITL p99 {f['itl_p99_ms_without']:.3g} ms without, {during} during; ratio {ratio}")
+    return lines
 
 
 # --- tiers: given by URL, or started here ---------------------------------------------------------
