@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import quote, unquote
 
 from kvstore.checksum import SealedBlock
 
@@ -29,6 +30,18 @@ class TierUsage:
 
 Evicted = tuple[str, bytes, SealedBlock]
 """(namespace, key, block) pushed out of a tier by its byte budget."""
+
+
+def escape_namespace(namespace: str) -> str:
+    """A namespace as it appears in Redis keys and S3 object names: percent-encoded, so it holds
+    no ':' or '/' (the separators before the key) and no glob characters. Namespaces may contain
+    ':' (`tenant:b`); unescaped, `tenant`'s SCAN pattern `prefix:tenant:*` and S3 prefix matched
+    `tenant:b`'s blocks too, and `clear("tenant")` deleted them."""
+    return quote(namespace, safe="")
+
+
+def unescape_namespace(escaped: str) -> str:
+    return unquote(escaped)
 
 
 class Tier(ABC):

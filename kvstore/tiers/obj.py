@@ -1,14 +1,16 @@
 """The S3 (object store) tier: one object per block, many requests in flight.
 
-Object `{key_prefix}{namespace}/{key hex}` holds the sealed frame; its expiry (if any) is in the
-frame header, checked on get, and in the object's `expires-at` metadata, checked by HEAD on
-lookup, because S3 lifecycle rules work in days. One object per block rather than grouping:
-blocks are already 0.25-8 MiB (past the size where S3's per-request cost dominates), a prefix
-hit needs an arbitrary leading subset of blocks that grouped objects would over-read, and
-independent objects let eviction, TTL and checksum repair act on one block. Throughput comes
-from parallelism instead: a thread pool keeps `max_inflight` requests going (boto3 clients are
-thread-safe; their connection pool is sized to match). Timeouts are short and retries few, so
-an unreachable endpoint costs a refused connect and the store's `TierGuard` decides when to retry.
+Object `{key_prefix}{escaped namespace}/{key hex}` holds the sealed frame (the namespace is
+percent-encoded, `tiers.base.escape_namespace`, so one namespace's listing prefix never matches
+another's); its expiry (if any) is in the frame header, checked on get, and in the object's
+`expires-at` metadata, checked by HEAD on lookup, because S3 lifecycle rules work in days. One
+object per block rather than grouping: blocks are already 0.25-8 MiB (past the size where S3's
+per-request cost dominates), a prefix hit needs an arbitrary leading subset of blocks that grouped
+objects would over-read, and independent objects let eviction, TTL and checksum repair act on one
+block. Throughput comes from parallelism instead: a thread pool keeps `max_inflight` requests going
+(boto3 clients are thread-safe; their connection pool is sized to match). Timeouts are short and
+retries few, so an unreachable endpoint costs a refused connect and the store's `TierGuard` decides
+when to retry.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from kvstore.checksum import HEADER_BYTES, SealedBlock
 from kvstore.config import ObjTierConfig
-from kvstore.tiers.base import Evicted, Tier, TierError, TierUsage
+from kvstore.tiers.base import Evicted, Tier, TierError, TierUsage, escape_namespace, unescape_namespace
 
 T = TypeVar("T")
 _MISSING = {"NoSuchKey", "404", "NotFound"}
@@ -79,7 +81,7 @@ class ObjTier(Tier):
         return len(names)
 
     def clear(self, namespace: str) -> int:
-        names = [item["Key"] for item in self._list(f"{self._prefix}{namespace}/")]
+        names = [item["Key"] for item in self._list(f"{self._prefix}{escape_namespace(namespace)}/")]
         for start in range(0, len(names), _DELETE_BATCH):
             chunk = names[start : start + _DELETE_BATCH]
             self._call(lambda: self._client.delete_objects(
@@ -89,7 +91,7 @@ class ObjTier(Tier):
     def usage(self) -> dict[str, TierUsage]:
         totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for item in self._list(self._prefix):
-            counts = totals[item["Key"][len(self._prefix) :].rsplit("/", 1)[0]]
+            counts = totals[unescape_namespace(item["Key"][len(self._prefix) :].rsplit("/", 1)[0])]
             counts[0] += 1
             counts[1] += max(item["Size"] - HEADER_BYTES, 0)
         return {ns: TierUsage(blocks, size) for ns, (blocks, size) in totals.items()}
@@ -102,7 +104,7 @@ class ObjTier(Tier):
         self._client.close()
 
     def _name(self, namespace: str, key: bytes) -> str:
-        return f"{self._prefix}{namespace}/{key.hex()}"
+        return f"{self._prefix}{escape_namespace(namespace)}/{key.hex()}"
 
     def _get_one(self, name: str) -> SealedBlock | None:
         try:

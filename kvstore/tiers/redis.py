@@ -1,10 +1,12 @@
 """The Redis tier: one pipelined round trip per batch over a blocking connection pool.
 
 A block is one string value, the sealed frame (`header || payload`), under
-`{key_prefix}{namespace}:{key hex}`, so `redis-cli --scan` shows readable keys and a namespace
-is one SCAN pattern. Expiry is Redis's own (PX); a key Redis evicted under maxmemory is simply
-absent, i.e. a miss. Timeouts are short and redis-py's own retries are off: the store's
-`TierGuard` decides when to try again, so a dead Redis costs one refused connect, not seconds.
+`{key_prefix}{escaped namespace}:{key hex}`, so `redis-cli --scan` shows readable keys and a
+namespace is one SCAN pattern. The namespace is percent-encoded (`tiers.base.escape_namespace`):
+it holds no ':' then, so `tenant`'s pattern cannot match `tenant:b`'s keys. Expiry is Redis's own
+(PX); a key Redis evicted under maxmemory is simply absent, i.e. a miss. Timeouts are short and
+redis-py's own retries are off: the store's `TierGuard` decides when to try again, so a dead Redis
+costs one refused connect, not seconds.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from redis.retry import Retry
 
 from kvstore.checksum import HEADER_BYTES, SealedBlock
 from kvstore.config import RedisTierConfig
-from kvstore.tiers.base import Evicted, Tier, TierError, TierUsage
+from kvstore.tiers.base import Evicted, Tier, TierError, TierUsage, escape_namespace, unescape_namespace
 
 T = TypeVar("T")
 _SCAN_BATCH = 1000
@@ -76,7 +78,7 @@ class RedisTier(Tier):
         return self._call(lambda: self._client.delete(*[self._name(namespace, key) for key in keys]))
 
     def clear(self, namespace: str) -> int:
-        pattern = _GLOB_SPECIAL.sub(rb"\\\1", self._prefix + namespace.encode() + b":") + b"*"
+        pattern = _GLOB_SPECIAL.sub(rb"\\\1", self._prefix + escape_namespace(namespace).encode() + b":") + b"*"
 
         def unlink_all() -> int:
             removed, batch = 0, []
@@ -104,7 +106,8 @@ class RedisTier(Tier):
                     lengths = pipe.execute()
                 for name, length in zip(chunk, lengths):
                     if length:
-                        counts = totals[name[len(self._prefix) :].rsplit(b":", 1)[0].decode(errors="replace")]
+                        namespace = name[len(self._prefix) :].rsplit(b":", 1)[0].decode(errors="replace")
+                        counts = totals[unescape_namespace(namespace)]
                         counts[0] += 1
                         counts[1] += max(length - HEADER_BYTES, 0)
             return {ns: TierUsage(blocks, size) for ns, (blocks, size) in totals.items()}
@@ -119,7 +122,7 @@ class RedisTier(Tier):
         self._client.connection_pool.disconnect()
 
     def _name(self, namespace: str, key: bytes) -> bytes:
-        return self._prefix + namespace.encode() + b":" + key.hex().encode()
+        return self._prefix + escape_namespace(namespace).encode() + b":" + key.hex().encode()
 
     def _ttl_ms(self, block: SealedBlock, now: float) -> int | None:
         deadlines = [d for d in (block.expires_at, now + self.ttl_s if self.ttl_s else None) if d is not None]
