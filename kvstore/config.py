@@ -26,6 +26,19 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or malformed; the message names the key."""
 
 
+# The longest TTL a put or a tier may set. Bounded (and finite) so every tier can hold the deadline:
+# Redis takes PX as a 64-bit millisecond count, and a put with ttl_s=1e300 or inf made every SET fail,
+# which marked Redis down for every client of the daemon.
+MAX_TTL_S = 10 * 365 * 86400.0
+TtlSeconds = Annotated[float, Field(gt=0, le=MAX_TTL_S)]
+
+
+def check_ttl_s(ttl_s: float | None) -> None:
+    """Raise ValueError unless `ttl_s` is None or a finite number of seconds in (0, MAX_TTL_S]."""
+    if ttl_s is not None and not 0 < ttl_s <= MAX_TTL_S:
+        raise ValueError(f"ttl_s: must be a positive number of seconds, at most {MAX_TTL_S:.0f} (10 years)")
+
+
 def parse_bytes(value: int | str) -> int:
     """`8589934592`, `"8GiB"`, `"512 MiB"`, `"1.5GB"` -> a byte count."""
     if isinstance(value, bool):
@@ -51,7 +64,7 @@ class MemoryTierConfig(_Strict):
     type: Literal["memory"]
     name: str | None = None
     bytes: Annotated[int, Field(ge=0)] = 8 * 2**30
-    ttl_s: Annotated[float, Field(gt=0)] | None = None
+    ttl_s: TtlSeconds | None = None
     verify_reads: bool = True
 
     @field_validator("bytes", mode="before")
@@ -71,7 +84,7 @@ class RedisTierConfig(_Strict):
     name: str | None = None
     url: SecretStr = SecretStr("redis://localhost:6379/0")
     key_prefix: str = "tierkv:"
-    ttl_s: Annotated[float, Field(gt=0)] | None = 86400.0
+    ttl_s: TtlSeconds | None = 86400.0
     bytes: Annotated[int, Field(ge=0)] | None = None
     pool_size: Annotated[int, Field(ge=1, le=1024)] = 16
     connect_timeout_s: Annotated[float, Field(gt=0)] = 0.2
@@ -119,7 +132,7 @@ class ObjTierConfig(_Strict):
     secret_key: SecretStr | None = None
     region: str = "us-east-1"
     key_prefix: str = "tierkv/"
-    ttl_s: Annotated[float, Field(gt=0)] | None = None
+    ttl_s: TtlSeconds | None = None
     max_inflight: Annotated[int, Field(ge=1, le=1024)] = 32
     connect_timeout_s: Annotated[float, Field(gt=0)] = 0.5
     read_timeout_s: Annotated[float, Field(gt=0)] = 10.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kvstore.config import StoreConfig
+from kvstore.config import StoreConfig, check_ttl_s
 
 # Namespaces become part of Redis keys and S3 object names: keep them to a safe, printable set.
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
@@ -72,5 +72,7 @@ class Limits:
 
     @staticmethod
     def check_ttl(ttl_s: float | None) -> None:
-        if ttl_s is not None and not ttl_s > 0:
-            raise LimitError("ttl_s: must be a positive number of seconds")
+        try:
+            check_ttl_s(ttl_s)
+        except ValueError as error:
+            raise LimitError(str(error)) from None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from kvstore import tier_metrics
 from kvstore.checksum import SealedBlock
-from kvstore.config import ConfigError, StoreConfig, TierConfig, parse_tiers
+from kvstore.config import ConfigError, StoreConfig, TierConfig, check_ttl_s, parse_tiers
 from kvstore.tiers import Tier, TierUsage, build_tier
 from kvstore.tiers.base import Evicted
 from kvstore.tiers.guard import TierGuard
@@ -133,8 +133,7 @@ class TieredStore:
     ) -> int:
         """Store blocks in the named tiers (None = the first tier); the number stored. Idempotent."""
         targets = [0] if tiers is None else self._tier_indexes(tiers)
-        if ttl_s is not None and ttl_s <= 0:
-            raise ValueError(f"ttl_s: expected a positive number of seconds, got {ttl_s}")
+        check_ttl_s(ttl_s)
         if not blocks:
             return 0
         expires_at = time.time() + ttl_s if ttl_s is not None else None
