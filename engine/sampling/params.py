@@ -8,6 +8,8 @@ from dataclasses import dataclass
 # Temperatures below this are greedy decoding (vLLM uses the same cut-off).
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20
+# The sampler holds top_k as int32: a larger one would wrap around (2**32 + 5 filtering to 5).
+MAX_TOP_K = (1 << 31) - 1
 
 
 @dataclass
@@ -66,6 +68,8 @@ class SamplingParams:
             raise ValueError(
                 f"top_k must be an integer >= 1, or 0 or -1 to disable it, got {self.top_k!r}"
             )
+        if self.top_k > MAX_TOP_K:
+            raise ValueError(f"top_k must be at most {MAX_TOP_K}, got {self.top_k}")
         _check_number("min_p", self.min_p, "a number in [0, 1]", lambda v: 0 <= v <= 1)
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise ValueError(

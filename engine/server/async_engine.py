@@ -4,6 +4,11 @@ Only the engine thread touches the `EngineCore`: it drains an inbox of new reque
 steps, and posts the step's outputs and stats back to the event loop in one callback. It sleeps on
 a condition while there is nothing to do. Detokenization and stop strings (the `OutputProcessor`)
 run on the event loop, so HTTP and text work never hold up a step.
+
+A step that raises fails the requests in the core with a 500 and the thread goes on serving new
+ones: one bad request must not take the server down. Only when steps keep failing (a broken device)
+or something other than an `Exception` escapes does the engine die; then every request fails, the
+server reports unhealthy and `on_dead` runs (the CLI stops the process so a supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 from engine.core.engine_core import EngineCore, EngineCoreOutput
 from engine.core.request import EngineRequest
@@ -20,10 +27,14 @@ from engine.core.scheduler import SchedulerStats
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.sampling.params import SamplingParams
-from engine.server.errors import bad_request, overloaded
+from engine.server.errors import APIError, bad_request, overloaded
 from engine.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
+
+# Steps that fail one after another, with none succeeding in between, before the engine is declared
+# dead: a failure that outlives aborting every request it touched is the device's, not a request's.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 class EngineDeadError(RuntimeError):
@@ -38,6 +49,14 @@ class _Inbox:
     aborts: list[str] = field(default_factory=list)
     num_submitted: int = 0
     stopping: bool = False
+
+
+@dataclass
+class _StepFailure:
+    """A step that raised, and the requests the engine thread aborted because of it."""
+
+    request_ids: list[str]
+    error: Exception
 
 
 @dataclass
@@ -68,7 +87,12 @@ class AsyncEngine:
         self._num_submitted = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        # Engine thread only: the requests added to the core and not yet finished or aborted.
+        self._in_core: set[str] = set()
+        self._consecutive_failures = 0
         self.error: BaseException | None = None
+        # Called on the event loop once the engine has died and its requests have failed.
+        self.on_dead: Callable[[BaseException], None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -170,23 +194,55 @@ class AsyncEngine:
                 self.core.add_request(request)
             except ValueError as err:
                 rejected.append((request.request_id, err))
+            else:
+                self._in_core.add(request.request_id)
         # After the adds: an abort may name a request that arrived in this same drain.
         if aborts:
             self.core.abort_requests(aborts)
+            self._in_core.difference_update(aborts)
         if stopping:
             return False
-        outputs = self.core.step() if self.core.has_unfinished_requests() else []
-        self._loop.call_soon_threadsafe(self._on_step, outputs, self.core.stats(), rejected, num_drained)
+        failure = None
+        try:
+            outputs = self.core.step() if self.core.has_unfinished_requests() else []
+        except Exception as err:  # noqa: BLE001 - a failed step ends its requests, not the server
+            outputs, failure = [], self._abort_failed_step(err)
+        else:
+            self._consecutive_failures = 0
+            self._in_core.difference_update(out.request_id for out in outputs if out.finish_reason is not None)
+        self._loop.call_soon_threadsafe(self._on_step, outputs, self.core.stats(), rejected, failure, num_drained)
         return True
+
+    def _abort_failed_step(self, err: Exception) -> _StepFailure:
+        """Abort every request in the core: any of them may be what broke the step, and a step's
+        requests share its batch, so none of them can be trusted to continue."""
+        self._consecutive_failures += 1
+        if self._consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+            raise EngineDeadError(f"{self._consecutive_failures} engine steps in a row failed, "
+                                  f"the last with {err!r}") from err
+        request_ids = list(self._in_core)
+        logger.exception("an engine step failed; aborting its %d requests", len(request_ids))
+        self._in_core.clear()
+        self.core.abort_requests(request_ids)
+        # Blocks join the prefix cache when allocated, before the forward fills them: those of the
+        # failed step may hold garbage that a later request with the same prefix would read.
+        self.core.kv.pool.reset_prefix_cache()
+        return _StepFailure(request_ids, err)
 
     # ---- event loop side of a step ---------------------------------------------------------------
 
     def _on_step(self, outputs: list[EngineCoreOutput], stats: SchedulerStats,
-                 rejected: list[tuple[str, ValueError]], num_drained: int) -> None:
+                 rejected: list[tuple[str, ValueError]], failure: _StepFailure | None, num_drained: int) -> None:
         self._stats, self._num_drained = stats, num_drained
         self.metrics.observe_stats(stats)
         for request_id, err in rejected:
             self._fail(request_id, bad_request(str(err)))
+        if failure is not None:
+            err = failure.error
+            for request_id in failure.request_ids:
+                self._fail(request_id, APIError(
+                    f"Internal server error: the engine step running this request failed with "
+                    f"{type(err).__name__}: {err}", HTTPStatus.INTERNAL_SERVER_ERROR))
         results, to_abort = self._output_processor.process(outputs)
         if to_abort:
             with self._cond:
@@ -217,7 +273,8 @@ class AsyncEngine:
         self.error = err
         for request_id in list(self._streams):
             self._fail(request_id, EngineDeadError(f"the engine failed: {err!r}"))
-
+        if self.on_dead is not None:
+            self.on_dead(err)
 
 
 class RequestStream:

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 def start_chat(req: ChatCompletionRequest, engine: AsyncEngine) -> tuple[str, RequestStream]:
     """Check and admit the request; every client mistake raises here, before any response starts."""
     req.reject_unsupported()
-    inp = chat_input(req, engine.tokenizer, engine.max_model_len)
+    inp = chat_input(req, engine.tokenizer, engine.max_model_len, engine.vocab_size)
     request_id = random_id("chatcmpl")
     return request_id, engine.add_request(request_id, inp.prompt, inp.prompt_token_ids, inp.params, inp.metadata)
 

@@ -1,4 +1,8 @@
-"""`tierkv serve`: load the model, start the engine thread, serve HTTP until SIGTERM."""
+"""`tierkv serve`: load the model, start the engine thread, serve HTTP until SIGTERM.
+
+If the engine dies the process stops serving, as vLLM's does, and exits with status 1: a server that
+can only answer 503 helps no one, while a supervisor (systemd, Kubernetes) restarts one that exits.
+"""
 
 from __future__ import annotations
 
@@ -55,6 +59,13 @@ def main(argv: list[str]) -> int:
         print(f"tierkv serve: cannot start the engine: {err}", file=sys.stderr)
         return 1
     server = uvicorn.Server(uvicorn_config(app, config))
+    engine = app.state.engine
+
+    def stop_serving(err: BaseException) -> None:
+        logger.error("the engine died (%r): shutting down so that a supervisor restarts the server", err)
+        server.should_exit = True
+
+    engine.on_dead = stop_serving
     # uvicorn handles SIGINT/SIGTERM itself (stop accepting, drain, shut down) and then re-raises the
     # signal to whatever handler was there before; a no-op one makes a graceful stop exit with 0.
     previous = {sig: signal.signal(sig, _shutdown_done) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -63,7 +74,7 @@ def main(argv: list[str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0 if server.started else 1
+    return 0 if server.started and engine.error is None else 1
 
 
 def _shutdown_done(signum: int, frame) -> None:

@@ -36,13 +36,15 @@ def completion_input(req: CompletionRequest, tokenizer, max_model_len: int, voca
         bad = [t for t in token_ids if not 0 <= t < vocab_size]
         if bad:
             raise bad_request(f"prompt token ids must lie in [0, {vocab_size}); got {bad[0]}.", param="prompt")
+    _check_stop_token_ids(req, vocab_size)
     max_tokens = _fit_max_tokens(len(token_ids), req.max_tokens, max_model_len, "max_tokens")
     return EngineInput(text, token_ids, sampling_params(req, max_tokens, req.logprobs), _metadata(req))
 
 
-def chat_input(req: ChatCompletionRequest, tokenizer, max_model_len: int) -> EngineInput:
+def chat_input(req: ChatCompletionRequest, tokenizer, max_model_len: int, vocab_size: int) -> EngineInput:
     """Apply the model's chat template (as the offline `LLM.chat` does) and check the result fits."""
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    _check_stop_token_ids(req, vocab_size)
     try:
         out = tokenizer.apply_chat_template(
             messages, add_generation_prompt=req.add_generation_prompt,
@@ -53,6 +55,13 @@ def chat_input(req: ChatCompletionRequest, tokenizer, max_model_len: int) -> Eng
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _fit_max_tokens(len(token_ids), req.requested_max_tokens(), max_model_len, param)
     return EngineInput(None, token_ids, sampling_params(req, max_tokens, req.num_logprobs()), _metadata(req))
+
+
+def _check_stop_token_ids(req: SamplingFields, vocab_size: int) -> None:
+    # Before min_tokens the engine bans stop ids by indexing the logits: one past the vocabulary fails the step.
+    bad = [t for t in req.stop_token_ids or () if not 0 <= t < vocab_size]
+    if bad:
+        raise bad_request(f"stop_token_ids must lie in [0, {vocab_size}); got {bad[0]}.", param="stop_token_ids")
 
 
 def _fit_max_tokens(num_prompt: int, max_tokens: int | None, max_model_len: int, param: str) -> int:

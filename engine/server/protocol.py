@@ -3,19 +3,24 @@
 Requests forbid unknown fields, as OpenAI does ("Unrecognized request argument supplied"); OpenAI
 fields that tierkv does not implement are accepted only at their no-op value, and anything else is
 a 400 that names the field (`unsupported_field`). Sampling values are range-checked once, by
-`SamplingParams`, when the request is turned into one.
+`SamplingParams`, when the request is turned into one. Every integer field is an `Int64`, so that a
+value like 10**30 (JSON numbers have no size limit) is a 400 naming its field, not an overflow
+inside the engine.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from engine.sampling.params import MAX_LOGPROBS
 from engine.server.errors import APIError, bad_request
+
+
+Int64 = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]
 
 
 class _Request(BaseModel):
@@ -35,19 +40,19 @@ class SamplingFields(_Request):
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Int64 = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    n: int | None = 1
+    n: Int64 | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -66,11 +71,11 @@ class SamplingFields(_Request):
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: str | list[Int64] | list[str] | list[list[Int64]]
+    max_tokens: Int64 | None = 16
+    logprobs: Int64 | None = None
     echo: bool | None = False
-    best_of: int | None = None
+    best_of: Int64 | None = None
     suffix: str | None = None
 
     def reject_unsupported(self) -> None:
@@ -121,10 +126,10 @@ class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int64 | None = None
+    max_completion_tokens: Int64 | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     tools: list[dict[str, Any]] | None = None
