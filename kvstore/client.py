@@ -3,7 +3,11 @@
 Both mirror `TieredStore`'s methods, names, arguments and return types, so the engine can use the
 daemon or an embedded store interchangeably. One channel per client is reused by every call; each call
 has a deadline; UNAVAILABLE and DEADLINE_EXCEEDED are retried with exponential backoff (every RPC is
-idempotent, a Put included). A Get block that fails its checksum comes back as a miss, never as bad bytes.
+idempotent, a Put included). Blocks travel sealed (kvstore/checksum.py): `put` checksums each block
+once, bound to its namespace and key, and the daemon verifies and stores that checksum; `get` verifies
+the stored checksum against the namespace and key asked for, so a block that fails it (or was stored
+under another key) comes back as a miss, never as bad bytes. `put_sealed` / `get_sealed` hand over
+blocks with their checksums, for a caller that computes and checks them itself (the engine, on the GPU).
 
 URLs: `grpc://host:port` (plaintext) or `grpcs://host:port` (TLS; `root_certificates` trusts a private CA).
 
@@ -27,9 +31,10 @@ from urllib.parse import urlsplit
 import grpc
 
 from kvstore.auth import bearer_metadata
+from kvstore.checksum import SealedBlock
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.shm_client import ShmTransport, ShmUnavailable, is_local_host
+from kvstore.shm_client import ShmTransport, ShmUnavailable, SlotHit, is_local_host
 from kvstore.shm_segment import ShmSegment, SlotLease
 from kvstore.store import LookupResult, TierUsage
 from kvstore.streaming import CHUNK_BYTES, BlockAssembler, block_messages
@@ -86,23 +91,33 @@ def _channel_options() -> list[tuple[str, int]]:
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
 
 
-def _put_requests(namespace: str, blocks: list[tuple[bytes, bytes]], tiers: list[str] | None,
+def _sealed(namespace: str, blocks: list[tuple[bytes, bytes]]) -> list[tuple[bytes, SealedBlock]]:
+    return [(key, SealedBlock.seal(payload, namespace, key)) for key, payload in blocks]
+
+
+def _payloads(blocks: list[SealedBlock | None]) -> list[bytes | None]:
+    return [block.payload if block is not None else None for block in blocks]
+
+
+def _put_requests(namespace: str, blocks: list[tuple[bytes, SealedBlock]], tiers: list[str] | None,
                   ttl_s: float | None, chunk_bytes: int) -> Iterator[pb.PutRequest]:
     header = pb.PutHeader(namespace=namespace, tiers=tiers or [])
     if ttl_s is not None:
         header.ttl_s = ttl_s
     yield pb.PutRequest(header=header)
-    for key, payload in blocks:
-        for part in block_messages(key, payload, chunk_bytes):
+    for key, block in blocks:
+        for part in block_messages(key, block, chunk_bytes):
             yield pb.PutRequest(block=part) if isinstance(part, pb.BlockStart) else pb.PutRequest(data=part)
 
 
 class _GetReader:
-    """Turns the Get response stream back into payloads in key order; a bad checksum is a miss."""
+    """Turns the Get response stream back into blocks in key order; a block that fails its checksum
+    under (namespace, its key) is a miss."""
 
-    def __init__(self, keys: list[bytes]):
+    def __init__(self, namespace: str, keys: list[bytes]):
+        self.namespace = namespace
         self.keys = keys
-        self.results: list[bytes | None] = [None] * len(keys)
+        self.results: list[SealedBlock | None] = [None] * len(keys)
         self._next = 0
         self._assembler = BlockAssembler(max_block_bytes=_MAX_MESSAGE_BYTES)
 
@@ -117,7 +132,7 @@ class _GetReader:
         elif kind == "data":
             self._complete(self._assembler.data(message.data))
 
-    def finish(self) -> list[bytes | None]:
+    def finish(self) -> list[SealedBlock | None]:
         self._assembler.finish()
         if self._next != len(self.keys):
             raise ValueError(f"Get stream ended after {self._next} of {len(self.keys)} keys")
@@ -127,12 +142,12 @@ class _GetReader:
         if self._next >= len(self.keys) or key != self.keys[self._next]:
             raise ValueError(f"Get stream answered key #{self._next} out of order")
 
-    def _complete(self, done: tuple[bytes, bytes, bool] | None) -> None:
+    def _complete(self, done: tuple[bytes, SealedBlock] | None) -> None:
         if done is None:
             return
-        _, payload, crc_ok = done
-        if crc_ok:
-            self.results[self._next] = payload
+        key, block = done
+        if block.intact(self.namespace, key):
+            self.results[self._next] = block
         else:
             log.warning("kvstore Get: block #%d failed its checksum in transit; treated as a miss", self._next)
         self._next += 1
@@ -194,7 +209,15 @@ class KVStoreClient:
 
     def put(self, namespace: str, blocks: list[tuple[bytes, bytes]], *, tiers: list[str] | None = None,
             ttl_s: float | None = None) -> int:
-        if self._shm is not None and all(len(payload) <= self._shm.slot_bytes for _, payload in blocks):
+        """Checksum each block here (bound to namespace and key), then store it like `put_sealed`."""
+        return self.put_sealed(namespace, _sealed(namespace, blocks), tiers=tiers, ttl_s=ttl_s)
+
+    def put_sealed(self, namespace: str, blocks: list[tuple[bytes, SealedBlock]], *, tiers: list[str] | None = None,
+                   ttl_s: float | None = None) -> int:
+        """Store blocks the caller sealed (`TieredStore.put_sealed`'s contract): their checksums and
+        expiries are sent as they are, and the daemon refuses the call (DATA_LOSS) at the first block
+        that does not match its bytes, namespace and key."""
+        if self._shm is not None and all(len(block.payload) <= self._shm.slot_bytes for _, block in blocks):
             try:
                 return self._call("PutShm", lambda t: self._shm.put(namespace, blocks, tiers, ttl_s, t))
             except ShmUnavailable:
@@ -207,25 +230,34 @@ class KVStoreClient:
         return self._call("Put", attempt)
 
     def get(self, namespace: str, keys: list[bytes]) -> list[bytes | None]:
+        return _payloads(self.get_sealed(namespace, keys))
+
+    def get_sealed(self, namespace: str, keys: list[bytes]) -> list[SealedBlock | None]:
+        """Blocks in key order with their stored checksums and expiries, verified here; None = miss."""
         if self._shm is not None:
             try:
                 results = self._call("GetShm", lambda t: self._shm.get(namespace, keys, t))
             except ShmUnavailable:
-                return self._get_payloads(namespace, keys)
+                return self._get_blocks(namespace, keys)
             # Blocks larger than a slot (-1) come by the payload path.
             large = [i for i, result in enumerate(results) if isinstance(result, int)]
             if large:
-                for i, payload in zip(large, self._get_payloads(namespace, [keys[i] for i in large])):
-                    results[i] = payload
+                for i, block in zip(large, self._get_blocks(namespace, [keys[i] for i in large])):
+                    results[i] = block
             return results
-        return self._get_payloads(namespace, keys)
+        return self._get_blocks(namespace, keys)
 
     def put_slots(self, namespace: str, lease: SlotLease, blocks: list[tuple[bytes, int]], *,
-                  tiers: list[str] | None = None, ttl_s: float | None = None) -> int:
+                  tiers: list[str] | None = None, ttl_s: float | None = None,
+                  checksums: list[int] | None = None) -> int:
         """Store blocks the caller wrote into the slots of `lease` (from `client.shm.segment()`):
-        `blocks[j] = (key, length)` lies in slot j. Raises ShmUnavailable when the session is gone."""
+        `blocks[j] = (key, length)` lies in slot j. `checksums[j]`, when given, is
+        `block_checksum(slot j's bytes, namespace, key)` with no expiry (the engine computes it on the
+        GPU); without, it is computed here. Raises ShmUnavailable when the session is gone."""
+        if checksums is not None and len(checksums) != len(blocks):
+            raise ValueError(f"checksums: {len(checksums)} values for {len(blocks)} blocks")
         transport = self._shm_transport()
-        return self._call("PutShm", lambda t: transport.put_slots(namespace, lease, blocks, tiers, ttl_s, t))
+        return self._call("PutShm", lambda t: transport.put_slots(namespace, lease, blocks, tiers, ttl_s, t, checksums))
 
     def get_slots(self, namespace: str, lease: SlotLease, keys: list[bytes]) -> list[int | None]:
         """Fetch `keys[j]` into slot j of `lease`: per key its verified length, None for a miss, -1 for
@@ -233,16 +265,23 @@ class KVStoreClient:
         transport = self._shm_transport()
         return self._call("GetShm", lambda t: transport.get_slots(namespace, lease, keys, t))
 
+    def get_slot_hits(self, namespace: str, lease: SlotLease, keys: list[bytes]) -> list[SlotHit | None]:
+        """Like `get_slots` without the check here: per key a `SlotHit` (length, stored checksum and
+        expiry; `too_large` when nothing was written) for a caller that verifies the slot's bytes
+        itself, or None for a miss. Raises ShmUnavailable when the session is gone."""
+        transport = self._shm_transport()
+        return self._call("GetShm", lambda t: transport.get_slot_hits(namespace, lease, keys, t))
+
     def _shm_transport(self) -> ShmTransport:
         if self._shm is None:
             raise ShmUnavailable("this client was made without shm")
         return self._shm
 
-    def _get_payloads(self, namespace: str, keys: list[bytes]) -> list[bytes | None]:
+    def _get_blocks(self, namespace: str, keys: list[bytes]) -> list[SealedBlock | None]:
         request = pb.GetRequest(namespace=namespace, keys=keys)
 
-        def attempt(timeout: float) -> list[bytes | None]:
-            reader = _GetReader(keys)
+        def attempt(timeout: float) -> list[SealedBlock | None]:
+            reader = _GetReader(namespace, keys)
             for message in self._stub.Get(request, **self._opts(timeout)):
                 reader.feed(message)
             return reader.finish()
@@ -315,6 +354,10 @@ class AsyncKVStoreClient:
 
     async def put(self, namespace: str, blocks: list[tuple[bytes, bytes]], *, tiers: list[str] | None = None,
                   ttl_s: float | None = None) -> int:
+        return await self.put_sealed(namespace, _sealed(namespace, blocks), tiers=tiers, ttl_s=ttl_s)
+
+    async def put_sealed(self, namespace: str, blocks: list[tuple[bytes, SealedBlock]], *,
+                         tiers: list[str] | None = None, ttl_s: float | None = None) -> int:
         async def attempt(timeout: float) -> int:
             requests = _put_requests(namespace, blocks, tiers, ttl_s, self._chunk_bytes)
             return (await self._stub.Put(requests, **self._opts(timeout))).stored
@@ -322,10 +365,13 @@ class AsyncKVStoreClient:
         return await self._call("Put", attempt)
 
     async def get(self, namespace: str, keys: list[bytes]) -> list[bytes | None]:
+        return _payloads(await self.get_sealed(namespace, keys))
+
+    async def get_sealed(self, namespace: str, keys: list[bytes]) -> list[SealedBlock | None]:
         request = pb.GetRequest(namespace=namespace, keys=keys)
 
-        async def attempt(timeout: float) -> list[bytes | None]:
-            reader = _GetReader(keys)
+        async def attempt(timeout: float) -> list[SealedBlock | None]:
+            reader = _GetReader(namespace, keys)
             async for message in self._stub.Get(request, **self._opts(timeout)):
                 reader.feed(message)
             return reader.finish()

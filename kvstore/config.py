@@ -39,6 +39,13 @@ def check_ttl_s(ttl_s: float | None) -> None:
         raise ValueError(f"ttl_s: must be a positive number of seconds, at most {MAX_TTL_S:.0f} (10 years)")
 
 
+def check_expires_at(expires_at: float | None, now: float, field: str = "expires_at") -> None:
+    """Raise ValueError (naming `field`) unless `expires_at` is None (no expiry) or wall-clock
+    seconds in (0, now + MAX_TTL_S]: an absolute expiry is held to the same bound as a TTL."""
+    if expires_at is not None and not 0 < expires_at <= now + MAX_TTL_S:
+        raise ValueError(f"{field}: must be wall-clock seconds > 0 and at most {MAX_TTL_S:.0f} s (10 years) ahead")
+
+
 def parse_bytes(value: int | str) -> int:
     """`8589934592`, `"8GiB"`, `"512 MiB"`, `"1.5GB"` -> a byte count."""
     if isinstance(value, bool):

@@ -7,9 +7,10 @@ into INVALID_ARGUMENT. Values are never echoed back whole (a key is shown as a s
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
-from kvstore.config import StoreConfig, check_ttl_s
+from kvstore.config import StoreConfig, check_expires_at, check_ttl_s
 
 # Namespaces become part of Redis keys and S3 object names: keep them to a safe, printable set.
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
@@ -74,5 +75,12 @@ class Limits:
     def check_ttl(ttl_s: float | None) -> None:
         try:
             check_ttl_s(ttl_s)
+        except ValueError as error:
+            raise LimitError(str(error)) from None
+
+    @staticmethod
+    def check_expires_at(expires_at: float | None, index: int) -> None:
+        try:
+            check_expires_at(expires_at, time.time(), f"blocks[{index}].expires_at")
         except ValueError as error:
             raise LimitError(str(error)) from None

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvstore import metrics
 from kvstore.auth import TokenAuthInterceptor, token_from_env
-from kvstore.checksum import checksum
+from kvstore.checksum import SealedBlock
 from kvstore.config import StoreConfig
 from kvstore.limits import LimitError, Limits
 from kvstore.proto import kvstore_pb2 as pb
@@ -84,13 +84,15 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     def _put_blocks(self, stream, namespace: str, tiers: list[str] | None, ttl_s: float | None,
                     context: grpc.ServicerContext) -> int:
         assembler = BlockAssembler(self._limits.max_message_bytes)
-        batch: list[tuple[bytes, bytes]] = []
+        batch: list[tuple[bytes, SealedBlock]] = []
         batch_bytes = stored = 0
         for message in stream:
             kind = message.WhichOneof("item")
             if kind == "block":
-                self._limits.check_key(message.block.key, assembler.blocks_started)
-                self._limits.check_block_count(assembler.blocks_started + 1)
+                index = assembler.blocks_started
+                self._limits.check_key(message.block.key, index)
+                self._limits.check_block_count(index + 1)
+                self._limits.check_expires_at(message.block.expires_at or None, index)
                 done = assembler.start(message.block)
             elif kind == "data":
                 done = assembler.data(message.data)
@@ -98,36 +100,38 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 raise LimitError("a Put stream carries one PutHeader, first; then BlockStart and data messages")
             if done is None:
                 continue
-            key, payload, crc_ok = done
-            if not crc_ok:
+            key, block = done
+            if not block.intact(namespace, key):
                 _abort(context, grpc.StatusCode.DATA_LOSS,
-                       f"blocks[{assembler.blocks_started - 1}]: crc32 mismatch, the payload was corrupted in "
-                       f"transit; {stored} earlier blocks were stored, resend the rest")
-            batch.append((key, payload))
-            batch_bytes += len(payload)
+                       f"blocks[{assembler.blocks_started - 1}]: checksum mismatch, the payload was corrupted in "
+                       f"transit or sealed for another namespace or key; {stored} earlier blocks were stored, "
+                       f"resend the rest")
+            batch.append((key, block))
+            batch_bytes += len(block.payload)
             if batch_bytes >= PUT_FLUSH_BYTES:
                 stored += self._store_batch(namespace, batch, tiers, ttl_s, "Put")
                 batch, batch_bytes = [], 0
         assembler.finish()
         return stored + self._store_batch(namespace, batch, tiers, ttl_s, "Put")
 
-    def _store_batch(self, namespace: str, batch: list[tuple[bytes, bytes]], tiers: list[str] | None,
+    def _store_batch(self, namespace: str, batch: list[tuple[bytes, SealedBlock]], tiers: list[str] | None,
                      ttl_s: float | None, method: str) -> int:
+        """Store verified blocks with the checksum they arrived with (no second pass over the bytes)."""
         if not batch:
             return 0
-        metrics.RPC_BYTES.labels(method=method).inc(sum(len(payload) for _, payload in batch))
-        return self._store.put(namespace, batch, tiers=tiers, ttl_s=ttl_s)
+        metrics.RPC_BYTES.labels(method=method).inc(sum(len(block.payload) for _, block in batch))
+        return self._store.put_sealed(namespace, batch, tiers=tiers, ttl_s=ttl_s)
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[pb.GetResponse]:
         keys = self._checked(context, request.namespace, list(request.keys))
         for first in range(0, len(keys), GET_BATCH_KEYS):
             batch = keys[first : first + GET_BATCH_KEYS]
-            for key, payload in zip(batch, self._store.get(request.namespace, batch)):
-                if payload is None:
+            for key, block in zip(batch, self._store.get_sealed(request.namespace, batch)):
+                if block is None:
                     yield pb.GetResponse(miss=pb.Miss(key=key))
                     continue
-                metrics.RPC_BYTES.labels(method="Get").inc(len(payload))
-                for part in block_messages(key, payload, CHUNK_BYTES):
+                metrics.RPC_BYTES.labels(method="Get").inc(len(block.payload))
+                for part in block_messages(key, block, CHUNK_BYTES):
                     yield pb.GetResponse(block=part) if isinstance(part, pb.BlockStart) else pb.GetResponse(data=part)
 
     def Delete(self, request: pb.KeysRequest, context: grpc.ServicerContext) -> pb.CountResponse:
@@ -169,6 +173,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             for i, block in enumerate(request.blocks):
                 self._limits.check_key(block.key, i)
                 self._limits.check_block_size(block.length, i)
+                self._limits.check_expires_at(block.expires_at or None, i)
                 session.check_span(block.offset, block.length, f"blocks[{i}]")
             with session.in_use():
                 return pb.PutResponse(stored=self._put_from_segment(session, request, tiers, ttl_s, context))
@@ -179,20 +184,22 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     def _put_from_segment(self, session, request: pb.PutShmRequest, tiers: list[str] | None, ttl_s: float | None,
                           context: grpc.ServicerContext) -> int:
-        batch: list[tuple[bytes, bytes]] = []
+        namespace = request.header.namespace
+        batch: list[tuple[bytes, SealedBlock]] = []
         batch_bytes = stored = 0
-        for i, block in enumerate(request.blocks):
-            payload = session.read(block.offset, block.length, f"blocks[{i}]")
-            if checksum(payload) != block.crc32:
+        for i, entry in enumerate(request.blocks):
+            payload = session.read(entry.offset, entry.length, f"blocks[{i}]")
+            block = SealedBlock(payload, entry.checksum, entry.length, entry.expires_at or None)
+            if not block.intact(namespace, entry.key):
                 _abort(context, grpc.StatusCode.DATA_LOSS,
-                       f"blocks[{i}]: crc32 mismatch, the segment did not hold the bytes the client declared; "
-                       f"{stored} earlier blocks were stored")
-            batch.append((block.key, payload))
+                       f"blocks[{i}]: checksum mismatch, the segment did not hold the bytes the client declared "
+                       f"for this namespace and key; {stored} earlier blocks were stored")
+            batch.append((entry.key, block))
             batch_bytes += len(payload)
             if batch_bytes >= PUT_FLUSH_BYTES:
-                stored += self._store_batch(request.header.namespace, batch, tiers, ttl_s, "PutShm")
+                stored += self._store_batch(namespace, batch, tiers, ttl_s, "PutShm")
                 batch, batch_bytes = [], 0
-        return stored + self._store_batch(request.header.namespace, batch, tiers, ttl_s, "PutShm")
+        return stored + self._store_batch(namespace, batch, tiers, ttl_s, "PutShm")
 
     def GetShm(self, request: pb.GetShmRequest, context: grpc.ServicerContext) -> pb.GetShmResponse:
         keys = self._checked(context, request.namespace, [slot.key for slot in request.slots])
@@ -210,15 +217,16 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         results = []
         for first in range(0, len(keys), GET_BATCH_KEYS):
             batch = keys[first : first + GET_BATCH_KEYS]
-            for i, payload in enumerate(self._store.get(namespace, batch), start=first):
-                if payload is None:
+            for i, block in enumerate(self._store.get_sealed(namespace, batch), start=first):
+                if block is None:
                     results.append(pb.ShmHit())
-                elif len(payload) > slots[i].capacity:
-                    results.append(pb.ShmHit(too_large=True, length=len(payload)))
+                elif len(block.payload) > slots[i].capacity:
+                    results.append(pb.ShmHit(too_large=True, length=len(block.payload)))
                 else:
-                    session.write(slots[i].offset, payload, f"slots[{i}]")
-                    metrics.RPC_BYTES.labels(method="GetShm").inc(len(payload))
-                    results.append(pb.ShmHit(hit=True, length=len(payload), crc32=checksum(payload)))
+                    session.write(slots[i].offset, block.payload, f"slots[{i}]")
+                    metrics.RPC_BYTES.labels(method="GetShm").inc(len(block.payload))
+                    results.append(pb.ShmHit(hit=True, length=len(block.payload), checksum=block.checksum,
+                                             expires_at=block.expires_at or 0.0))
         return results
 
     def _checked(self, context: grpc.ServicerContext, namespace: str, keys: list[bytes]) -> list[bytes]:

@@ -3,9 +3,11 @@
 `ShmTransport` belongs to one `KVStoreClient`. It creates a segment (kvstore/shm_segment.py),
 attaches it with AttachShm (a stream that lives as long as the session: when it ends, for any
 reason, the daemon has closed its side), and then moves blocks with PutShm / GetShm naming slots.
-Put: the client writes each block into a slot and sends (key, offset, length, crc32); the daemon
-copies it out, verifies it and stores it. Get: the client names slots; the daemon writes each hit
-and returns its length and crc32; the client verifies it (a mismatch is a miss, never bad bytes).
+Put: the client writes each block into a slot and sends (key, offset, length, checksum, expiry);
+the daemon copies it out, verifies it and stores it with that checksum. Get: the client names slots;
+the daemon writes each hit and returns its length, stored checksum and expiry; the client verifies it
+against the namespace and key it asked for (a mismatch is a miss, never bad bytes), or, with
+`get_slot_hits`, leaves that to a caller that checks the bytes where it moves them (the engine's GPU).
 
 When the session ends (daemon restarted, connection lost), calls raise `ShmUnavailable` and the
 client uses the payload path; a new segment is attached on a later call, at most every
@@ -19,11 +21,12 @@ import logging
 import socket
 import threading
 import time
-import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
+from kvstore.checksum import SealedBlock, block_checksum
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.shm_segment import ShmSegment, SlotLease
 
@@ -34,6 +37,21 @@ REATTACH_S = 5.0
 
 class ShmUnavailable(RuntimeError):
     """The shared-memory path cannot serve this call; use the payload path."""
+
+
+@dataclass(frozen=True, slots=True)
+class SlotHit:
+    """A block the daemon wrote into a slot, as the daemon declared it: `length` bytes, the stored
+    checksum and the expiry that checksum is bound to. `too_large`: it did not fit (nothing written)."""
+
+    length: int
+    checksum: int
+    expires_at: float | None
+    too_large: bool = False
+
+    def intact(self, data: bytes | memoryview, namespace: str, key: bytes) -> bool:
+        """Whether `data` (the slot's first `length` bytes) is this block, stored under (namespace, key)."""
+        return SealedBlock(data, self.checksum, self.length, self.expires_at).intact(namespace, key)
 
 
 def is_local_host(address: str) -> bool:
@@ -146,35 +164,53 @@ class ShmTransport:
 
     # --- by handle ------------------------------------------------------------------------------
     def put_slots(self, namespace: str, lease: SlotLease, blocks: list[tuple[bytes, int]], tiers: list[str] | None,
-                  ttl_s: float | None, timeout: float) -> int:
-        """Store blocks already written in the lease's slots: `blocks[j] = (key, length)` is in slot j."""
-        header = pb.PutHeader(namespace=namespace, tiers=tiers or [])
-        if ttl_s is not None:
-            header.ttl_s = ttl_s
-        entries = [pb.ShmBlock(key=key, offset=lease.offset(j), length=length, crc32=zlib.crc32(lease.view(j, length)))
-                   for j, (key, length) in enumerate(blocks)]
-        request = pb.PutShmRequest(session_id=self._session_id, header=header, blocks=entries)
-        return self._rpc(lambda: self._stub.PutShm(request, timeout=timeout, metadata=self._metadata)).stored
+                  ttl_s: float | None, timeout: float, checksums: list[int] | None = None) -> int:
+        """Store blocks already written in the lease's slots: `blocks[j] = (key, length)` is in slot j.
+        `checksums[j]` is `block_checksum(slot j's bytes, namespace, key)` (no expiry) when the caller
+        has it; without, it is computed here from the slots."""
+        if checksums is None:
+            checksums = [block_checksum(lease.view(j, length), namespace, key) for j, (key, length) in enumerate(blocks)]
+        entries = [(key, lease.offset(j), length, checksum, None)
+                   for j, ((key, length), checksum) in enumerate(zip(blocks, checksums, strict=True))]
+        return self._put_handles(namespace, entries, tiers, ttl_s, timeout)
+
+    def get_slot_hits(self, namespace: str, lease: SlotLease, keys: list[bytes], timeout: float) -> list[SlotHit | None]:
+        """Fetch `keys[j]` into the lease's slot j, unverified: per key a `SlotHit` (check its checksum
+        over the slot's first `length` bytes), or None for a miss."""
+        slots = [pb.ShmSlot(key=key, offset=lease.offset(j), capacity=self.slot_bytes) for j, key in enumerate(keys)]
+        request = pb.GetShmRequest(session_id=self._session_id, namespace=namespace, slots=slots)
+        response = self._rpc(lambda: self._stub.GetShm(request, timeout=timeout, metadata=self._metadata))
+        if len(response.results) != len(keys):
+            raise ValueError(f"GetShm answered {len(response.results)} of {len(keys)} slots")
+        return [SlotHit(hit.length, hit.checksum, hit.expires_at or None, hit.too_large)
+                if hit.hit or hit.too_large else None for hit in response.results]
 
     def get_slots(self, namespace: str, lease: SlotLease, keys: list[bytes], timeout: float) -> list[int | None]:
         """Fetch `keys[j]` into the lease's slot j; per key its verified length, None for a miss
         (absent, failed checksum), or -1 when the block is larger than a slot (nothing written)."""
-        slots = [pb.ShmSlot(key=key, offset=lease.offset(j), capacity=self.slot_bytes) for j, key in enumerate(keys)]
-        request = pb.GetShmRequest(session_id=self._session_id, namespace=namespace, slots=slots)
-        response = self._rpc(lambda: self._stub.GetShm(request, timeout=timeout, metadata=self._metadata))
         lengths: list[int | None] = []
-        for j, hit in enumerate(response.results):
-            if hit.too_large:
+        for j, (key, hit) in enumerate(zip(keys, self.get_slot_hits(namespace, lease, keys, timeout))):
+            if hit is None:
+                lengths.append(None)
+            elif hit.too_large:
                 lengths.append(-1)
-            elif hit.hit and hit.length <= self.slot_bytes and zlib.crc32(lease.view(j, hit.length)) == hit.crc32:
+            elif hit.intact(lease.view(j, min(hit.length, self.slot_bytes)), namespace, key):
                 lengths.append(hit.length)
             else:
-                if hit.hit:
-                    log.warning("kvstore GetShm: block #%d failed its checksum in the segment; treated as a miss", j)
+                log.warning("kvstore GetShm: block #%d failed its checksum in the segment; treated as a miss", j)
                 lengths.append(None)
-        if len(lengths) != len(keys):
-            raise ValueError(f"GetShm answered {len(lengths)} of {len(keys)} slots")
         return lengths
+
+    def _put_handles(self, namespace: str, entries: list[tuple[bytes, int, int, int, float | None]],
+                     tiers: list[str] | None, ttl_s: float | None, timeout: float) -> int:
+        """PutShm of `(key, offset, length, checksum, expires_at)` entries."""
+        header = pb.PutHeader(namespace=namespace, tiers=tiers or [])
+        if ttl_s is not None:
+            header.ttl_s = ttl_s
+        blocks = [pb.ShmBlock(key=key, offset=offset, length=length, checksum=checksum, expires_at=expires_at or 0.0)
+                  for key, offset, length, checksum, expires_at in entries]
+        request = pb.PutShmRequest(session_id=self._session_id, header=header, blocks=blocks)
+        return self._rpc(lambda: self._stub.PutShm(request, timeout=timeout, metadata=self._metadata)).stored
 
     def _rpc(self, call: Callable[[], object]):
         try:
@@ -192,29 +228,44 @@ class ShmTransport:
             call.cancel()  # its done-callback forgets the segment
 
     # --- by value (blocks copied into and out of slots) ------------------------------------------
-    def put(self, namespace: str, blocks: list[tuple[bytes, bytes]], tiers: list[str] | None, ttl_s: float | None,
-            timeout: float) -> int:
-        """Store blocks of at most `slot_bytes` each, through the segment in windows of its slots."""
+    def put(self, namespace: str, blocks: list[tuple[bytes, SealedBlock]], tiers: list[str] | None,
+            ttl_s: float | None, timeout: float) -> int:
+        """Store sealed blocks of at most `slot_bytes` each, through the segment in windows of its
+        slots; their checksums go as they are (the daemon verifies them against the slots)."""
         segment = self.segment()
         stored = 0
         for first in range(0, len(blocks), self._window(segment)):
             window = blocks[first : first + self._window(segment)]
             with self._lease(segment, len(window), timeout) as lease:
-                for j, (_, payload) in enumerate(window):
-                    lease.view(j, len(payload))[:] = payload
-                stored += self.put_slots(namespace, lease, [(key, len(payload)) for key, payload in window],
-                                         tiers, ttl_s, timeout)
+                for j, (_, block) in enumerate(window):
+                    lease.view(j, len(block.payload))[:] = block.payload
+                entries = [(key, lease.offset(j), len(block.payload), block.checksum, block.expires_at)
+                           for j, (key, block) in enumerate(window)]
+                stored += self._put_handles(namespace, entries, tiers, ttl_s, timeout)
         return stored
 
-    def get(self, namespace: str, keys: list[bytes], timeout: float) -> list[bytes | None | int]:
-        """Payloads in key order; None for a miss, -1 for a block larger than a slot."""
+    def get(self, namespace: str, keys: list[bytes], timeout: float) -> list[SealedBlock | None | int]:
+        """Verified blocks in key order; None for a miss, -1 for a block larger than a slot."""
         segment = self.segment()
-        results: list[bytes | None | int] = []
+        results: list[SealedBlock | None | int] = []
         for first in range(0, len(keys), self._window(segment)):
             window = keys[first : first + self._window(segment)]
             with self._lease(segment, len(window), timeout) as lease:
-                lengths = self.get_slots(namespace, lease, window, timeout)
-                results += [bytes(lease.view(j, n)) if n is not None and n >= 0 else n for j, n in enumerate(lengths)]
+                for j, (key, hit) in enumerate(zip(window, self.get_slot_hits(namespace, lease, window, timeout))):
+                    if hit is None:
+                        results.append(None)
+                    elif hit.too_large:
+                        results.append(-1)
+                    else:
+                        # Copied out first, then checked: the copy is what the caller gets.
+                        block = SealedBlock(bytes(lease.view(j, min(hit.length, self.slot_bytes))), hit.checksum,
+                                            hit.length, hit.expires_at)
+                        if block.intact(namespace, key):
+                            results.append(block)
+                        else:
+                            log.warning("kvstore GetShm: block #%d failed its checksum in the segment; "
+                                        "treated as a miss", first + j)
+                            results.append(None)
         return results
 
     @staticmethod

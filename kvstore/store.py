@@ -1,11 +1,14 @@
 """TieredStore: KV-cache blocks across ordered tiers (memory → Redis → S3, any subset, any order).
 
 Reads walk the tiers fastest first and take each block from the first tier that holds an intact
-copy; a copy that fails its checksum (or has expired) is deleted from that tier and the walk goes
-on below. A hit below the first tier is promoted (copied up) into every faster tier. Writes go to
-the tiers the caller names (default: the first); blocks a tier evicts to stay in its budget are
-written down to the next tier unless already there. A tier that fails is a miss for reads and is
-skipped for writes (see `tiers.guard`): nothing a tier does can raise out of these methods.
+copy; a copy that fails its checksum (which binds it to the namespace and key it is read under, see
+kvstore/checksum.py) or has expired is deleted from that tier and the walk goes on below. A hit
+below the first tier is promoted (copied up) into every faster tier. Writes go to the tiers the
+caller names (default: the first); blocks a tier evicts to stay in its budget are written down to
+the next tier unless already there. A block is checksummed once, when it is sealed (by `put`, or by
+the caller for `put_sealed`); promotion and write-down move the `SealedBlock` as it is. A tier that
+fails is a miss for reads and is skipped for writes (see `tiers.guard`): nothing a tier does can
+raise out of these methods.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 from kvstore import tier_metrics
 from kvstore.checksum import SealedBlock
-from kvstore.config import ConfigError, StoreConfig, TierConfig, check_ttl_s, parse_tiers
+from kvstore.config import ConfigError, StoreConfig, TierConfig, check_expires_at, check_ttl_s, parse_tiers
 from kvstore.tiers import Tier, TierUsage, build_tier
 from kvstore.tiers.base import Evicted
 from kvstore.tiers.guard import TierGuard
@@ -91,6 +94,12 @@ class TieredStore:
 
     def get(self, namespace: str, keys: list[bytes]) -> list[bytes | None]:
         """Payloads in key order; None for a miss (absent, expired, failed checksum, tier down)."""
+        return [block.payload if block is not None else None for block in self.get_sealed(namespace, keys)]
+
+    def get_sealed(self, namespace: str, keys: list[bytes]) -> list[SealedBlock | None]:
+        """Like `get`, but each hit is the stored `SealedBlock`: its payload with the checksum and
+        expiry it was put with, for a caller that checks the bytes again where it lands them (the
+        engine, on the GPU, against `block.checksum`)."""
         found: list[SealedBlock | None] = [None] * len(keys)
         pending = list(range(len(keys)))
         promotions: list[tuple[int, list[tuple[bytes, SealedBlock]]]] = []
@@ -104,7 +113,7 @@ class TieredStore:
             for i, block in zip(pending, blocks):
                 if block is None:
                     still.append(i)
-                elif block.expired(now) or (tier.verify_reads and not block.intact()):
+                elif block.expired(now) or (tier.verify_reads and not block.intact(namespace, keys[i])):
                     if not block.expired(now):
                         tier_metrics.CORRUPT.labels(tier.name).inc()
                         log.warning("block failed its checksum in tier %s (namespace %s); deleted", tier.name, namespace)
@@ -121,7 +130,7 @@ class TieredStore:
             pending = still
         for t, hits in promotions:
             self._promote(namespace, t, hits)
-        return [block.payload if block is not None else None for block in found]
+        return found
 
     def put(
         self,
@@ -132,17 +141,34 @@ class TieredStore:
         ttl_s: float | None = None,
     ) -> int:
         """Store blocks in the named tiers (None = the first tier); the number stored. Idempotent."""
-        targets = [0] if tiers is None else self._tier_indexes(tiers)
+        targets = self._targets(tiers)
         check_ttl_s(ttl_s)
-        if not blocks:
-            return 0
         expires_at = time.time() + ttl_s if ttl_s is not None else None
-        sealed = [(key, SealedBlock.seal(payload, expires_at)) for key, payload in blocks]
-        stored = False
-        # Slowest tier first, so blocks a faster tier evicts are already below and not written twice.
-        for t in reversed(targets):
-            stored |= self._put_into(namespace, t, sealed)
-        return len(sealed) if stored else 0
+        sealed = [(key, SealedBlock.seal(payload, namespace, key, expires_at)) for key, payload in blocks]
+        return self._store(namespace, targets, sealed)
+
+    def put_sealed(
+        self,
+        namespace: str,
+        blocks: list[tuple[bytes, SealedBlock]],
+        *,
+        tiers: list[str] | None = None,
+        ttl_s: float | None = None,
+    ) -> int:
+        """Store blocks whose checksum the caller already computed (`SealedBlock.seal(payload,
+        namespace, key, expires_at, checksum=...)`); the payloads are not read again here. With
+        `ttl_s`, each block is rebound to expire `ttl_s` from now; without, it keeps its own
+        `expires_at`. A block whose checksum is wrong is stored and then a miss on every read."""
+        targets = self._targets(tiers)
+        check_ttl_s(ttl_s)
+        if ttl_s is not None:
+            expires_at = time.time() + ttl_s
+            blocks = [(key, block.with_expiry(namespace, key, expires_at)) for key, block in blocks]
+        else:
+            now = time.time()
+            for i, (_, block) in enumerate(blocks):
+                check_expires_at(block.expires_at, now, f"blocks[{i}].expires_at")
+        return self._store(namespace, targets, blocks)
 
     def delete(self, namespace: str, keys: list[bytes]) -> int:
         """Remove keys from every tier; the number of keys that were present in some tier."""
@@ -196,6 +222,19 @@ class TieredStore:
         if unknown:
             raise ValueError(f"tiers: unknown tier name(s) {unknown}; configured: {self.tier_names}")
         return sorted({self._index[name] for name in names})
+
+    def _targets(self, tiers: list[str] | None) -> list[int]:
+        """Indexes of the tiers a put writes to (None = the first tier)."""
+        return [0] if tiers is None else self._tier_indexes(tiers)
+
+    def _store(self, namespace: str, targets: list[int], blocks: list[tuple[bytes, SealedBlock]]) -> int:
+        if not blocks:
+            return 0
+        stored = False
+        # Slowest tier first, so blocks a faster tier evicts are already below and not written twice.
+        for t in reversed(targets):
+            stored |= self._put_into(namespace, t, blocks)
+        return len(blocks) if stored else 0
 
     def _put_into(self, namespace: str, t: int, blocks: list[tuple[bytes, SealedBlock]]) -> bool:
         """Write into tier t and write its evictions down; whether tier t took the blocks."""

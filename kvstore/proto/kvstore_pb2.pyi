@@ -33,16 +33,18 @@ class PutHeader(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., tiers: _Optional[_Iterable[str]] = ..., ttl_s: _Optional[float] = ...) -> None: ...
 
 class BlockStart(_message.Message):
-    __slots__ = ("key", "size", "crc32", "data")
+    __slots__ = ("key", "size", "checksum", "expires_at", "data")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     size: int
-    crc32: int
+    checksum: int
+    expires_at: float
     data: bytes
-    def __init__(self, key: _Optional[bytes] = ..., size: _Optional[int] = ..., crc32: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, key: _Optional[bytes] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., expires_at: _Optional[float] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("header", "block", "data")
@@ -153,16 +155,18 @@ class ShmSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class ShmBlock(_message.Message):
-    __slots__ = ("key", "offset", "length", "crc32")
+    __slots__ = ("key", "offset", "length", "checksum", "expires_at")
     KEY_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     offset: int
     length: int
-    crc32: int
-    def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
+    checksum: int
+    expires_at: float
+    def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ..., expires_at: _Optional[float] = ...) -> None: ...
 
 class PutShmRequest(_message.Message):
     __slots__ = ("session_id", "header", "blocks")
@@ -195,16 +199,18 @@ class GetShmRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., namespace: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[ShmSlot, _Mapping]]] = ...) -> None: ...
 
 class ShmHit(_message.Message):
-    __slots__ = ("hit", "length", "crc32", "too_large")
+    __slots__ = ("hit", "length", "checksum", "expires_at", "too_large")
     HIT_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     TOO_LARGE_FIELD_NUMBER: _ClassVar[int]
     hit: bool
     length: int
-    crc32: int
+    checksum: int
+    expires_at: float
     too_large: bool
-    def __init__(self, hit: _Optional[bool] = ..., length: _Optional[int] = ..., crc32: _Optional[int] = ..., too_large: _Optional[bool] = ...) -> None: ...
+    def __init__(self, hit: _Optional[bool] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ..., expires_at: _Optional[float] = ..., too_large: _Optional[bool] = ...) -> None: ...
 
 class GetShmResponse(_message.Message):
     __slots__ = ("results",)

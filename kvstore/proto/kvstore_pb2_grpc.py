@@ -93,7 +93,7 @@ class KVStoreServicer:
 
     def Put(self, request_iterator, context):
         """Client streaming: PutHeader first, then for each block a BlockStart and its data chunks.
-        Idempotent. Each block's crc32 is verified on arrival (DATA_LOSS on mismatch).
+        Idempotent. Each block's checksum is verified on arrival (DATA_LOSS on mismatch).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,7 +127,7 @@ class KVStoreServicer:
 
     def AttachShm(self, request, context):
         """Same-host fast path: block bytes move through a shared-memory segment the client created
-        under /dev/shm, and only handles (offset, length, crc32) travel over gRPC.
+        under /dev/shm, and only handles (offset, length, checksum) travel over gRPC.
         Server streaming: the first message names the session; the stream then stays open for the
         session's life, and the daemon closes the segment when the call ends (the client cancels it,
         the connection dies, or the daemon stops). FAILED_PRECONDITION when the daemon has `shm: false`
@@ -138,8 +138,8 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PutShm(self, request, context):
-        """Put by handle: the daemon copies each block out of the segment, verifies its crc32 (DATA_LOSS
-        on mismatch) and stores it. Handles outside the segment are INVALID_ARGUMENT.
+        """Put by handle: the daemon copies each block out of the segment, verifies its checksum
+        (DATA_LOSS on mismatch) and stores it. Handles outside the segment are INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,7 +147,7 @@ class KVStoreServicer:
 
     def GetShm(self, request, context):
         """Get by handle: the daemon writes each hit into the slot the client named and returns its
-        length and crc32; the client verifies it (a mismatch is a miss).
+        length, checksum and expiry; the client verifies it (a mismatch is a miss).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,9 +1,11 @@
 """The Tier interface: what the store asks of CPU memory, Redis and S3 alike.
 
 Every method is batched (one call per request, not per block) because Redis pipelines and S3's
-many-in-flight requests only pay off on batches. Tiers store and return `SealedBlock`s and do not
-judge them: the store verifies every block it reads and deletes bad copies. A remote tier signals
-trouble by raising `TierError`; the store turns that into a miss or a skipped write.
+many-in-flight requests only pay off on batches. Tiers store and return `SealedBlock`s as they were
+given (checksum and expiry untouched: both are under the checksum) and do not judge them: the store
+verifies every block it reads against the namespace and key it asked for, and deletes bad copies. A
+remote tier signals trouble by raising `TierError`; the store turns that into a miss or a skipped
+write.
 """
 
 from __future__ import annotations

@@ -2,15 +2,15 @@
 
 Object `{key_prefix}{escaped namespace}/{key hex}` holds the sealed frame (the namespace is
 percent-encoded, `tiers.base.escape_namespace`, so one namespace's listing prefix never matches
-another's); its expiry (if any) is in the frame header, checked on get, and in the object's
-`expires-at` metadata, checked by HEAD on lookup, because S3 lifecycle rules work in days. One
-object per block rather than grouping: blocks are already 0.25-8 MiB (past the size where S3's
-per-request cost dominates), a prefix hit needs an arbitrary leading subset of blocks that grouped
-objects would over-read, and independent objects let eviction, TTL and checksum repair act on one
-block. Throughput comes from parallelism instead: a thread pool keeps `max_inflight` requests going
-(boto3 clients are thread-safe; their connection pool is sized to match). Timeouts are short and
-retries few, so an unreachable endpoint costs a refused connect and the store's `TierGuard` decides
-when to retry.
+another's). The block's own expiry is in the frame header, under its checksum; the earlier of it
+and this tier's `ttl_s` is in the object's `expires-at` metadata, checked by HEAD on lookup and on
+get, because S3 lifecycle rules work in days. One object per block rather than grouping: blocks are
+already 0.25-8 MiB (past the size where S3's per-request cost dominates), a prefix hit needs an
+arbitrary leading subset of blocks that grouped objects would over-read, and independent objects
+let eviction, TTL and checksum repair act on one block. Throughput comes from parallelism instead:
+a thread pool keeps `max_inflight` requests going (boto3 clients are thread-safe; their connection
+pool is sized to match). Timeouts are short and retries few, so an unreachable endpoint costs a
+refused connect and the store's `TierGuard` decides when to retry.
 """
 
 from __future__ import annotations
@@ -109,6 +109,12 @@ class ObjTier(Tier):
     def _get_one(self, name: str) -> SealedBlock | None:
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=name)
+            if _expired(response.get("Metadata", {}), time.time()):
+                # Past this tier's own TTL, which the frame header cannot carry (the header's expiry
+                # is under the block's checksum): gone now rather than at the next lifecycle run.
+                response["Body"].close()
+                self._client.delete_object(Bucket=self.bucket, Key=name)
+                return None
             return SealedBlock.from_frame(response["Body"].read())
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in _MISSING:
@@ -126,17 +132,15 @@ class ObjTier(Tier):
             raise self._tier_error(error) from None
         except (BotoCoreError, OSError) as error:
             raise self._tier_error(error) from None
-        expires_at = response.get("Metadata", {}).get("expires-at")
-        return expires_at is None or float(expires_at) > time.time()
+        return not _expired(response.get("Metadata", {}), time.time())
 
     def _put_one(self, name: str, block: SealedBlock, now: float) -> None:
         deadline = min((d for d in (block.expires_at, now + self.ttl_s if self.ttl_s else None) if d is not None),
                        default=None)
         if deadline is not None and deadline <= now:
             return
-        sealed = block if deadline == block.expires_at else SealedBlock(block.payload, block.checksum, block.length, deadline)
         metadata = {} if deadline is None else {"expires-at": repr(deadline)}
-        self._call(lambda: self._client.put_object(Bucket=self.bucket, Key=name, Body=sealed.frame(), Metadata=metadata))
+        self._call(lambda: self._client.put_object(Bucket=self.bucket, Key=name, Body=block.frame(), Metadata=metadata))
 
     def _list(self, prefix: str) -> list[dict]:
         def list_all() -> list[dict]:
@@ -158,3 +162,15 @@ class ObjTier(Tier):
 
     def _tier_error(self, error: Exception) -> TierError:
         return TierError(f"object store {self._where}: {type(error).__name__}: {error}")
+
+
+def _expired(metadata: dict[str, str], now: float) -> bool:
+    """Whether an object's `expires-at` metadata has passed; an unreadable one has (never raises:
+    an exception here would mark the whole tier down)."""
+    value = metadata.get("expires-at")
+    if value is None:
+        return False
+    try:
+        return not float(value) > now
+    except ValueError:
+        return True

@@ -8,6 +8,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 from fixtures_services import obj_tier
+from kvstore.checksum import SealedBlock
 from kvstore.cli import configure_logging
 from kvstore.client import KVStoreClient, KVStoreError, RetryPolicy
 from kvstore.proto import kvstore_pb2 as pb
@@ -110,9 +111,9 @@ def test_oversized_block_and_oversized_message():
 def test_put_stream_protocol_violations_and_corruption_in_transit():
     with running_daemon() as (_, url):
         channel, stub = _raw_stub(url)
-        start, *rest = list(block_messages(key(1), payload(1, 3 << 20)))
+        start, *rest = list(block_messages(key(1), SealedBlock.seal(payload(1, 3 << 20), NS, key(1))))
         header = pb.PutRequest(header=pb.PutHeader(namespace=NS))
-        corrupt = pb.BlockStart(key=start.key, size=start.size, crc32=start.crc32 ^ 1, data=start.data)
+        corrupt = pb.BlockStart(key=start.key, size=start.size, checksum=start.checksum ^ 1, data=start.data)
         cases = {
             "no header": ([pb.PutRequest(block=start)], grpc.StatusCode.INVALID_ARGUMENT, "first message of a Put"),
             "data first": ([header, pb.PutRequest(data=b"x")], grpc.StatusCode.INVALID_ARGUMENT, "outside any block"),
@@ -120,8 +121,8 @@ def test_put_stream_protocol_violations_and_corruption_in_transit():
                           "the stream ended after 1048576 of 3145728 bytes"),
             "too long": ([header, pb.PutRequest(block=pb.BlockStart(key=key(2), size=1, data=b"ab"))],
                          grpc.StatusCode.INVALID_ARGUMENT, "more data than its declared size of 1 bytes"),
-            "bad crc": ([header, pb.PutRequest(block=corrupt)] + [pb.PutRequest(data=d) for d in rest],
-                        grpc.StatusCode.DATA_LOSS, "blocks[0]: crc32 mismatch"),
+            "bad checksum": ([header, pb.PutRequest(block=corrupt)] + [pb.PutRequest(data=d) for d in rest],
+                             grpc.StatusCode.DATA_LOSS, "blocks[0]: checksum mismatch"),
         }
         for name, (messages, code, message) in cases.items():
             got_code, details = _status(lambda: stub.Put(iter(messages), timeout=10))

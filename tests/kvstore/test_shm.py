@@ -8,7 +8,6 @@ import secrets
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import grpc
@@ -16,6 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from fixtures_services import obj_tier
+from kvstore.checksum import block_checksum
 from kvstore.client import KVStoreClient, RetryPolicy
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
@@ -87,7 +87,7 @@ def _status(call) -> tuple[grpc.StatusCode, str]:
 
 def _put_request(session_id: str, blocks: list[tuple[bytes, int, int, int]]) -> pb.PutShmRequest:
     return pb.PutShmRequest(session_id=session_id, header=pb.PutHeader(namespace=NS),
-                            blocks=[pb.ShmBlock(key=k, offset=o, length=n, crc32=c) for k, o, n, c in blocks])
+                            blocks=[pb.ShmBlock(key=k, offset=o, length=n, checksum=c) for k, o, n, c in blocks])
 
 
 @pytest.mark.parametrize("tier", ["memory", "redis", "obj"])
@@ -124,11 +124,13 @@ def test_put_checksum_mismatch_is_data_loss_and_nothing_is_stored(raw_segment):
         call, session = _attach(stub, raw_segment)
         data = payload(7, 5000)
         raw_segment.write(SLOT, data)
-        code, details = _status(lambda: stub.PutShm(_put_request(session, [(key(7), SLOT, 5000, zlib.crc32(data) ^ 1)])))
-        assert code == grpc.StatusCode.DATA_LOSS
-        assert details.startswith("blocks[0]: crc32 mismatch")
+        right = block_checksum(data, NS, key(7))
+        for wrong in (right ^ 1, block_checksum(data, NS, key(8)), block_checksum(data, NS + "x", key(7))):
+            code, details = _status(lambda: stub.PutShm(_put_request(session, [(key(7), SLOT, 5000, wrong)])))
+            assert code == grpc.StatusCode.DATA_LOSS
+            assert details.startswith("blocks[0]: checksum mismatch")
         assert handle.store.lookup(NS, [key(7)]).num_hits == 0
-        assert stub.PutShm(_put_request(session, [(key(7), SLOT, 5000, zlib.crc32(data))])).stored == 1
+        assert stub.PutShm(_put_request(session, [(key(7), SLOT, 5000, right)])).stored == 1
         assert handle.store.get(NS, [key(7)]) == [data]
         call.cancel()
         channel.close()
@@ -183,7 +185,7 @@ def test_out_of_bounds_handles_are_invalid_argument_and_the_daemon_keeps_serving
         assert handle.store.lookup(NS, [key(1)]).num_hits == 0
         # The same session still works, and so does everyone else.
         raw_segment.write(0, b"fine")
-        assert stub.PutShm(_put_request(session, [(key(3), 0, 4, zlib.crc32(b"fine"))])).stored == 1
+        assert stub.PutShm(_put_request(session, [(key(3), 0, 4, block_checksum(b"fine", NS, key(3)))])).stored == 1
         with KVStoreClient(url, shm=True, shm_slot_bytes=SLOT) as client:
             assert client.get(NS, [key(3)]) == [b"fine"]
         call.cancel()
@@ -196,7 +198,8 @@ def test_a_segment_truncated_after_attach_cannot_crash_the_daemon(raw_segment):
         call, session = _attach(stub, raw_segment)
         os.ftruncate(raw_segment.fd, SLOT)
         data = payload(1, 100)
-        code, details = _status(lambda: stub.PutShm(_put_request(session, [(key(1), 2 * SLOT, 100, zlib.crc32(data))])))
+        code, details = _status(lambda: stub.PutShm(_put_request(session, [(key(1), 2 * SLOT, 100,
+                                                                            block_checksum(data, NS, key(1)))])))
         assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT,
                                    f"blocks[0]: the segment holds only {SLOT} bytes (it was truncated after attaching)")
         handle.store.put(NS, [(key(2), data)])
