@@ -1,4 +1,9 @@
-"""The FastAPI app: OpenAI routes, health, version, metrics, API-key check, errors in OpenAI's shape."""
+"""The FastAPI app: OpenAI routes, health, version, metrics, API-key check, errors in OpenAI's shape.
+
+Request bodies are capped (`RequestBodyLimit`) and parsed off the event loop: a 100 MB body once grew
+the server to 24 GB, and parsing or tokenizing megabytes on the loop stalled every request, /health
+included.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.server.async_engine import AsyncEngine, EngineDeadError
 from engine.server.chat import chat, start_chat, stream_chat
@@ -38,7 +44,7 @@ def package_version() -> str:
 
 
 def build_app(engine: AsyncEngine, model_names: tuple[str, ...], model_root: str,
-              api_key: str | None = None) -> FastAPI:
+              api_key: str | None = None, *, max_request_body_bytes: int) -> FastAPI:
     """An app serving `engine` under `model_names` (the first is the one reported in responses)."""
 
     @asynccontextmanager
@@ -48,6 +54,7 @@ def build_app(engine: AsyncEngine, model_names: tuple[str, ...], model_root: str
         await engine.stop()
 
     app = FastAPI(title="tierkv", version=package_version(), lifespan=lifespan)
+    app.add_middleware(RequestBodyLimit, max_bytes=max_request_body_bytes)
     app.state.engine = engine  # for embedding code and tests: the engine this app serves
     served = model_names[0]
 
@@ -106,7 +113,7 @@ def build_app(engine: AsyncEngine, model_names: tuple[str, ...], model_root: str
         check_api_key(request)
         req = await parse_body(request, CompletionRequest)
         check_model(req.model)
-        request_id, stream = start_completion(req, engine)
+        request_id, stream = await start_completion(req, engine)
         if req.stream:
             return EventStreamResponse(stream_completion(req, engine, served, request_id, stream))
         body = await until_disconnected(request, complete(req, engine, served, request_id, stream), stream)
@@ -117,7 +124,7 @@ def build_app(engine: AsyncEngine, model_names: tuple[str, ...], model_root: str
         check_api_key(request)
         req = await parse_body(request, ChatCompletionRequest)
         check_model(req.model)
-        request_id, stream = start_chat(req, engine)
+        request_id, stream = await start_chat(req, engine)
         if req.stream:
             return EventStreamResponse(stream_chat(req, engine, served, request_id, stream))
         body = await until_disconnected(request, chat(req, engine, served, request_id, stream), stream)
@@ -129,8 +136,15 @@ def build_app(engine: AsyncEngine, model_names: tuple[str, ...], model_root: str
 async def parse_body(request: Request, model: type[M]) -> M:
     """The JSON body as `model`; malformed JSON or a bad field is a 400, never FastAPI's 422."""
     raw = await request.body()
+    # A body of megabytes takes a good part of a second to parse and validate: not on the loop.
+    return await asyncio.to_thread(_parse_json, raw, model)
+
+
+def _parse_json(raw: bytes, model: type[M]) -> M:
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise bad_request("The request body is not valid JSON: it is nested too deeply.") from None
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, and an integer of over 4300 digits
         raise bad_request(f"The request body is not valid JSON: {err}") from None
     if not isinstance(data, dict):
@@ -169,3 +183,59 @@ async def _wait_for_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+class RequestBodyLimit:
+    """Answer 413 to a request whose body is larger than `max_bytes`, without reading it all.
+
+    A declared Content-Length is refused before any of the body is read; a chunked body is counted
+    as it arrives and refused as soon as it passes the limit. A plain ASGI middleware, so that it
+    sees the body chunk by chunk rather than after Starlette has gathered it.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, watching_send)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = APIError(f"The request body is larger than this server's limit of {self.max_bytes} bytes "
+                         "(--max-request-body-bytes).", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        # The rest of the body is never read: the connection cannot carry another request.
+        response = JSONResponse(error.body(), status_code=error.status, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    """Raised from `RequestBodyLimit`'s receive once the body passes the limit."""

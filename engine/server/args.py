@@ -32,6 +32,7 @@ class ServeConfig:
     api_key: str | None = None
     served_model_names: tuple[str, ...] = ()
     max_waiting_requests: int | None = None  # None: 4 x the engine's max_num_seqs
+    max_request_body_bytes: int = 16 << 20
     shutdown_timeout: float = 10.0
     log_level: str = "info"
 
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--served-model-name", nargs="+", help="model name(s) clients use (default: the model's name)")
     server.add_argument("--max-waiting-requests", type=int,
                         help="answer 503 once this many requests wait (default 4 x max-num-seqs)")
+    server.add_argument("--max-request-body-bytes", type=int,
+                        help="answer 413 to a larger request body, refused before it is read (default 16 MiB)")
     server.add_argument("--shutdown-timeout", type=float,
                         help="seconds in-flight requests get to finish after SIGTERM (default 10)")
     server.add_argument("--uvicorn-log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
@@ -172,6 +175,9 @@ def _serve_config(args: dict[str, Any]) -> ServeConfig:
     port = args.get("port", 8000)
     if not 0 <= port <= 65535:
         raise ConfigError(f"port must be in [0, 65535], got {port}")
+    max_body = args.get("max_request_body_bytes", ServeConfig.max_request_body_bytes)
+    if max_body < 1:
+        raise ConfigError(f"max-request-body-bytes must be >= 1, got {max_body}")
     shutdown_timeout = args.get("shutdown_timeout", 10.0)
     if shutdown_timeout < 0:
         raise ConfigError(f"shutdown-timeout must be >= 0 seconds, got {shutdown_timeout}")
@@ -182,6 +188,7 @@ def _serve_config(args: dict[str, Any]) -> ServeConfig:
         api_key=args.get("api_key"),
         served_model_names=names,
         max_waiting_requests=engine.max_waiting_requests,
+        max_request_body_bytes=max_body,
         shutdown_timeout=shutdown_timeout,
         log_level=args.get("uvicorn_log_level", "info"),
     )

@@ -28,6 +28,7 @@ from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.sampling.params import SamplingParams
 from engine.server.errors import APIError, bad_request, overloaded
+from engine.server.inputs import max_prompt_chars
 from engine.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class AsyncEngine:
         self.max_waiting_requests = max_waiting_requests
         self.max_model_len: int = core.max_model_len
         self.vocab_size: int = core.model_config.vocab_size
+        self.max_prompt_chars = max_prompt_chars(tokenizer, self.max_model_len)
         self._output_processor = OutputProcessor(tokenizer)
         self._cond = threading.Condition()
         self._inbox = _Inbox()

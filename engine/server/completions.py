@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -17,10 +18,13 @@ from engine.server.streaming import deltas
 logger = logging.getLogger(__name__)
 
 
-def start_completion(req: CompletionRequest, engine: AsyncEngine) -> tuple[str, RequestStream]:
+async def start_completion(req: CompletionRequest, engine: AsyncEngine) -> tuple[str, RequestStream]:
     """Check and admit the request; every client mistake raises here, before any response starts."""
     req.reject_unsupported()
-    inp = completion_input(req, engine.tokenizer, engine.max_model_len, engine.vocab_size)
+    # On a worker thread: tokenizing a long prompt takes seconds, which would stall every other
+    # request (and /health) on the event loop.
+    inp = await asyncio.to_thread(completion_input, req, engine.tokenizer, engine.max_model_len,
+                                  engine.vocab_size, engine.max_prompt_chars)
     request_id = random_id("cmpl")
     return request_id, engine.add_request(request_id, inp.prompt, inp.prompt_token_ids, inp.params, inp.metadata)
 

@@ -1,7 +1,9 @@
 """From an OpenAI request to what the engine takes: prompt token ids and SamplingParams.
 
 Everything a client can get wrong is checked here, before the response starts, so that a bad
-streaming request still gets its 400 rather than a broken event stream.
+streaming request still gets its 400 rather than a broken event stream. Tokenizing takes seconds
+for a prompt of megabytes, so callers run these functions off the event loop, and a prompt text too
+long to fit whatever it says is refused before the tokenizer sees it.
 """
 
 from __future__ import annotations
@@ -26,10 +28,28 @@ class EngineInput:
     metadata: dict | None
 
 
-def completion_input(req: CompletionRequest, tokenizer, max_model_len: int, vocab_size: int) -> EngineInput:
+def max_prompt_chars(tokenizer, max_model_len: int) -> int | None:
+    """The most characters of prompt text that can still fit `max_model_len` tokens (None: no tokenizer).
+
+    No token covers more characters of the text than its vocabulary entry has: byte-level
+    vocabularies spell each byte as a character (and a character is at least one byte), SentencePiece
+    ones spell characters as themselves. So a text longer than `max_model_len` times the longest entry
+    cannot fit, and is refused without being tokenized; a fixed ratio would not be safe (SmolLM2 has
+    an 81-character token, a newline and 80 spaces). This assumes a normalizer that does not shrink
+    the text, as decoder models' tokenizers have: none, or NFC, which at most composes a letter with
+    its accents (a prompt made of those is no real one).
+    """
+    if tokenizer is None:
+        return None
+    return max_model_len * max(map(len, tokenizer.get_vocab()))
+
+
+def completion_input(req: CompletionRequest, tokenizer, max_model_len: int, vocab_size: int,
+                     max_chars: int | None) -> EngineInput:
     """Tokenize a completion prompt (as the offline `LLM.generate` does) and check it fits."""
     prompt = req.single_prompt()
     if isinstance(prompt, str):
+        _check_prompt_chars(len(prompt), max_chars, max_model_len, "prompt")
         text, token_ids = prompt, tokenizer.encode(prompt, add_special_tokens=True)
     else:
         text, token_ids = None, list(prompt)
@@ -41,9 +61,11 @@ def completion_input(req: CompletionRequest, tokenizer, max_model_len: int, voca
     return EngineInput(text, token_ids, sampling_params(req, max_tokens, req.logprobs), _metadata(req))
 
 
-def chat_input(req: ChatCompletionRequest, tokenizer, max_model_len: int, vocab_size: int) -> EngineInput:
+def chat_input(req: ChatCompletionRequest, tokenizer, max_model_len: int, vocab_size: int,
+               max_chars: int | None) -> EngineInput:
     """Apply the model's chat template (as the offline `LLM.chat` does) and check the result fits."""
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    _check_prompt_chars(sum(len(m["content"]) for m in messages), max_chars, max_model_len, "messages")
     _check_stop_token_ids(req, vocab_size)
     try:
         out = tokenizer.apply_chat_template(
@@ -55,6 +77,14 @@ def chat_input(req: ChatCompletionRequest, tokenizer, max_model_len: int, vocab_
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _fit_max_tokens(len(token_ids), req.requested_max_tokens(), max_model_len, param)
     return EngineInput(None, token_ids, sampling_params(req, max_tokens, req.num_logprobs()), _metadata(req))
+
+
+def _check_prompt_chars(num_chars: int, max_chars: int | None, max_model_len: int, param: str) -> None:
+    if max_chars is not None and num_chars > max_chars:
+        raise bad_request(
+            f"This model's maximum context length (max_model_len) is {max_model_len} tokens, and no text "
+            f"longer than {max_chars} characters fits in it; got {num_chars} characters in '{param}'. "
+            "Please reduce the length of the prompt.", param=param, code="context_length_exceeded")
 
 
 def _check_stop_token_ids(req: SamplingFields, vocab_size: int) -> None:
