@@ -133,13 +133,13 @@ class Slab:
         return slots
 
     def commit(self, namespace: str, keys: Sequence[bytes], slots: Sequence[int], checksums: Sequence[int],
-               expires_at: float | None = None, *, keep_lease: bool = False) -> None:
+               expires_at: Sequence[float | None], *, keep_lease: bool = False) -> None:
         """Index blocks written into allocated slots; a key already present keeps its older copy."""
         with self._lock:
-            for key, slot, checksum in zip(keys, slots, checksums):
+            for key, slot, checksum, expires in zip(keys, slots, checksums, expires_at):
                 if (namespace, key) in self._index:
                     continue
-                block = SlotBlock(slot, checksum, expires_at)
+                block = SlotBlock(slot, checksum, expires)
                 self._index[(namespace, key)] = block
                 self._owner[slot] = (namespace, key)
                 self._deadline[slot] = self._deadline_of(block)

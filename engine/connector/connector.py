@@ -15,18 +15,24 @@ from dataclasses import dataclass
 import torch
 
 from engine.connector.config import KVTransferConfig
+from engine.connector.embedded_store import EmbeddedStore, check_unreachable
 from engine.connector.metrics import ConnectorMetrics
 from engine.connector.policy import Decision, RequestInfo, check_policy_tiers, load_policy
 from engine.connector.store_backend import open_store
-from engine.connector.transfer import BlockTransfer, LoadJob, SaveJob
+from engine.connector.jobs import LoadJob, SaveJob
+from engine.connector.slab_transfer import SlabTransfer
+from engine.connector.transfer import BlockTransfer
 from engine.core.request import Request
-from engine.core.scheduler import SchedulerOutput
+from engine.core.sched_output import SchedulerOutput
+from kvstore.checksum import CHUNK_BYTES
 from kvstore.config import ConfigError
 from kvstore.store import LookupResult
 
 logger = logging.getLogger(__name__)
 
 _NO_OFFLOAD = Decision(load=False, save=False)
+# Slab slots beyond the saves in flight for loads, when no memory tier holds blocks (staging only).
+_LOAD_STAGING_SLOTS = 64
 # After a failed lookup, admissions skip the store (a miss) for this long, doubling per failure:
 # a dead daemon must not cost every new request a connection attempt on the scheduler's path.
 _LOOKUP_BACKOFF_S = (0.5, 10.0)
@@ -62,14 +68,27 @@ class OffloadingConnector:
         self.namespace = namespace
         self.policy = load_policy(offload.policy)
         self.metrics = ConnectorMetrics(model_name)
-        self.store = open_store(offload, self.pages_per_block * kv_cache[0].numel() * kv_cache.element_size())
+        page_bytes = kv_cache[0].numel() * kv_cache.element_size()
+        if page_bytes % CHUNK_BYTES:
+            raise ConfigError(f"block_size: a KV page of {page_bytes} bytes is not a whole number of "
+                              f"{CHUNK_BYTES}-byte checksum chunks; use a larger engine block_size")
+        block_bytes = self.pages_per_block * page_bytes
+        if offload.kvstore_url:
+            self.store = open_store(offload, block_bytes)
+        else:
+            self.store = EmbeddedStore(offload, block_bytes, offload.max_pending_saves + _LOAD_STAGING_SLOTS,
+                                       pin=kv_cache.is_cuda)
+            check_unreachable(self.store)
         try:
             check_policy_tiers(self.policy, list(self.store.health()))
         except ConfigError:
             self.store.close()
             raise
-        self.transfer = BlockTransfer(kv_cache, self.store, namespace, self.pages_per_block, self.metrics,
-                                      offload.max_pending_saves)
+        if offload.kvstore_url:
+            self.transfer = BlockTransfer(kv_cache, self.store, namespace, self.pages_per_block, self.metrics,
+                                          offload.max_pending_saves)
+        else:
+            self.transfer = SlabTransfer(kv_cache, self.store, namespace, self.pages_per_block, self.metrics)
         self._requests: dict[str, _RequestOffload] = {}
         self._lookup_backoff_s = _LOOKUP_BACKOFF_S[0]
         self._lookups_resume_at = 0.0
@@ -165,6 +184,9 @@ class OffloadingConnector:
             if state is None:
                 continue
             ready = max(state.load_start_tokens, (state.load_from + result.blocks_loaded) * self.block_size)
+            # Blocks it could not deliver (a tier failed, a checksum did not match) are saved again
+            # once recomputed: the store may have lost or deleted them.
+            state.blocks_in_store = min(state.blocks_in_store, state.load_from + result.blocks_loaded)
             self.metrics.inc(self.metrics.loaded_tokens, ready - state.load_start_tokens)
             self.metrics.inc(self.metrics.failed_load_tokens, state.load_end_tokens - ready)
             done.append((result.request_id, ready))

@@ -31,10 +31,17 @@ class ConnectorMetrics:
         self.saved_blocks = counter("tierkv:offload_saved_blocks", "Blocks handed to the store")
         self.bytes_saved = counter("tierkv:offload_saved_bytes", "Bytes handed to the store")
         self.bytes_loaded = counter("tierkv:offload_loaded_bytes", "Bytes loaded from the store")
+        self.corrupt_blocks = counter("tierkv:offload_corrupt_blocks",
+                                      "Loaded blocks that failed their checksum (recomputed, the copy deleted)")
         self.dropped_saves = counter("tierkv:offload_dropped_saves", "Blocks not saved because the save queue was full")
         self.store_errors = counter("tierkv:offload_store_errors", "Failed store operations, by operation", ("op",))
         self.load_seconds = hist("tierkv:offload_load_seconds", "Time from load start to pages ready")
-        self.save_seconds = hist("tierkv:offload_save_seconds", "Time to hand one batch of blocks to the store")
+        self.save_seconds = hist("tierkv:offload_save_seconds",
+                                 "Time from a batch's copies starting to its blocks being in the store")
+        self.load_phase_seconds = Histogram(
+            "tierkv:offload_load_phase_seconds", "Time of each phase of a load: fetch (lookup, lease, "
+            "promotion from a lower tier), issue (enqueueing the copies), copy_verify (the copies and checksums)",
+            labels + ["phase"], buckets=_LATENCY_BUCKETS, registry=self.registry)
 
     def inc(self, metric: Counter, amount: float = 1, **labels: str) -> None:
         if amount:
@@ -42,6 +49,9 @@ class ConnectorMetrics:
 
     def observe(self, metric: Histogram, value: float) -> None:
         metric.labels(model_name=self._model).observe(value)
+
+    def observe_phase(self, phase: str, value: float) -> None:
+        self.load_phase_seconds.labels(model_name=self._model, phase=phase).observe(value)
 
     def value(self, metric: Counter, **labels: str) -> float:
         """Current value of a counter (for tests and benchmarks)."""

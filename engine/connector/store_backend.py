@@ -1,4 +1,4 @@
-"""Open the store the connector talks to: the kvstore daemon, or the same tiers in-process."""
+"""The kvstore daemon as the connector's store: lookups on a short deadline, transfers in the background."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from engine.connector.pinned_segments import PinnedSegments
 from kvstore.config import ConfigError
 from kvstore.shm_client import ShmTransport
 from kvstore.shm_segment import SlotLease
-from kvstore.store import LookupResult, TieredStore, TierUsage
+from kvstore.store import LookupResult, TierUsage
 
 logger = logging.getLogger(__name__)
 
 
 class BlockStore(Protocol):
-    """What the connector needs; `TieredStore` (embedded) and `DaemonStore` provide it."""
+    """What the daemon transfer path needs of a store (`DaemonStore` provides it)."""
 
     def lookup(self, namespace: str, keys: list[bytes]) -> LookupResult: ...
     def get(self, namespace: str, keys: list[bytes]) -> list[bytes | None]: ...
@@ -88,43 +88,34 @@ class DaemonStore:
         self._transfers.close()
 
 
-def open_store(cfg: OffloadConfig, block_bytes: int = 0) -> BlockStore:
-    """Connect and check that every tier answers; a tier that does not is a start-up error.
+def open_store(cfg: OffloadConfig, block_bytes: int = 0) -> DaemonStore:
+    """Connect to the kvstore daemon named by `kvstore_url`; a daemon that does not answer is a
+    start-up error.
 
-    With a daemon and `kvstore_shm` on, a shared-memory segment of `block_bytes` slots stages the
-    transfers (`max_pending_saves` for saves plus SHM_LOAD_SLOTS for loads).
+    With `kvstore_shm` on, a shared-memory segment of `block_bytes` slots stages the transfers
+    (`max_pending_saves` for saves plus SHM_LOAD_SLOTS for loads).
     """
-    if cfg.kvstore_url:
-        ignored = [key for key in ("cpu_bytes_to_use", "secondary_tiers") if key in cfg.model_fields_set]
-        if ignored:
-            logger.warning("%s: %s ignored: with kvstore_url the daemon's own config sets its tiers",
-                           _KEY, " and ".join(ignored))
-        token = cfg.auth_token.get_secret_value() if cfg.auth_token else None
-        if token is None and cfg.auth_token_env:
-            token = os.environ.get(cfg.auth_token_env)
-        store = DaemonStore(cfg.kvstore_url, token, cfg.lookup_timeout_s, cfg.load_timeout_s, cfg.kvstore_shm,
-                            block_bytes, cfg.max_pending_saves + SHM_LOAD_SLOTS)
-        try:
-            health = store.health()
-        except Exception as e:
-            store.close()
-            raise ConfigError(f"{_KEY}.kvstore_url: cannot reach the kvstore daemon ({e})") from None
-        if cfg.kvstore_shm is True and block_bytes and store.shm is None:
-            store.close()
-            raise ConfigError(f"{_KEY}.kvstore_shm: the daemon refused shared memory ({store.shm_error}); "
-                              f'set it to "auto" or false to use the gRPC payload path')
-        down = [name for name, up in health.items() if not up]
-        if down:
-            logger.warning("kvstore daemon reports tier(s) down: %s; it keeps serving from the others", down)
-        logger.info("offloading to the kvstore daemon at %s (tiers %s, %s)", cfg.kvstore_url, list(health),
-                    "shared memory" if store.shm is not None else "gRPC payloads")
-        return store
-    store = TieredStore(cfg.tiers())
-    down = [name for name, up in store.health().items() if not up]
-    if down:
+    ignored = [key for key in ("cpu_bytes_to_use", "secondary_tiers") if key in cfg.model_fields_set]
+    if ignored:
+        logger.warning("%s: %s ignored: with kvstore_url the daemon's own config sets its tiers",
+                       _KEY, " and ".join(ignored))
+    token = cfg.auth_token.get_secret_value() if cfg.auth_token else None
+    if token is None and cfg.auth_token_env:
+        token = os.environ.get(cfg.auth_token_env)
+    store = DaemonStore(cfg.kvstore_url, token, cfg.lookup_timeout_s, cfg.load_timeout_s, cfg.kvstore_shm,
+                        block_bytes, cfg.max_pending_saves + SHM_LOAD_SLOTS)
+    try:
+        health = store.health()
+    except Exception as e:
         store.close()
-        names = store.tier_names
-        where = [f"secondary_tiers.{names.index(n) - (1 if cfg.cpu_bytes_to_use else 0)}" for n in down]
-        raise ConfigError(f"{_KEY}.{where[0]}: tier {down[0]!r} is unreachable")
-    logger.info("offloading to an embedded store with tiers %s", store.tier_names)
+        raise ConfigError(f"{_KEY}.kvstore_url: cannot reach the kvstore daemon ({e})") from None
+    if cfg.kvstore_shm is True and block_bytes and store.shm is None:
+        store.close()
+        raise ConfigError(f"{_KEY}.kvstore_shm: the daemon refused shared memory ({store.shm_error}); "
+                          f'set it to "auto" or false to use the gRPC payload path')
+    down = [name for name, up in health.items() if not up]
+    if down:
+        logger.warning("kvstore daemon reports tier(s) down: %s; it keeps serving from the others", down)
+    logger.info("offloading to the kvstore daemon at %s (tiers %s, %s)", cfg.kvstore_url, list(health),
+                "shared memory" if store.shm is not None else "gRPC payloads")
     return store

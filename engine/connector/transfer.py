@@ -28,11 +28,12 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
+from engine.connector.jobs import LoadJob, LoadResult, SaveJob
 from engine.connector.metrics import ConnectorMetrics
 from engine.connector.store_backend import SHM_LOAD_SLOTS, BlockStore
 from kernels import gather_blocks, scatter_blocks
@@ -59,31 +60,6 @@ class _StagingLease:
 
     def release(self) -> None:
         self.pool.put(self.buffer)
-
-
-@dataclass
-class SaveJob:
-    """Blocks of one request to save: their keys and, for each, its pages (in order)."""
-
-    keys: list[bytes]
-    page_ids: list[int]          # len(keys) * pages_per_block
-    tiers: list[str] | None
-    ttl_s: float | None
-
-
-@dataclass
-class LoadJob:
-    request_id: str
-    keys: list[bytes]
-    page_ids: list[int]          # pages to fill, len(keys) * pages_per_block
-    skip_pages: int              # leading pages the GPU prefix cache already holds: not written
-    started: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class LoadResult:
-    request_id: str
-    blocks_loaded: int           # leading blocks delivered intact (the rest is recomputed)
 
 
 class BlockTransfer:

@@ -19,7 +19,8 @@ import torch
 from engine.config import EngineConfig, with_batch_defaults
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.request import EngineRequest, Request
-from engine.core.scheduler import Scheduler, SchedulerOutput, SchedulerStats
+from engine.core.sched_output import SchedulerOutput
+from engine.core.scheduler import Scheduler, SchedulerStats
 from engine.models.config import ModelConfig, load_model_config
 from engine.runner.model_runner import ModelRunner, StepHandle, StepResult
 from engine.sampling.sampler import SamplingBatch

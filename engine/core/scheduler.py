@@ -23,40 +23,17 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.request import FINISHED, Request, RequestStatus
+from engine.core.sched_output import ScheduledRequest, SchedulerOutput
 
 if TYPE_CHECKING:
     from engine.connector.connector import OffloadingConnector
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class ScheduledRequest:
-    """One request's share of a step: `num_tokens` tokens from `num_computed_tokens` on."""
-
-    request: Request
-    start: int
-    num_tokens: int
-    sample: bool  # this chunk reaches the end of the known tokens, so a new token is sampled
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    num_batched_tokens: int = 0
-    preempted: list[str] = field(default_factory=list)
-    # Requests that finished or were aborted since the previous step was planned: the runner releases
-    # their device slots (and those of `preempted`) before placing this step's requests.
-    freed_request_ids: list[str] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 
 import kernels
 from engine.core.block_pool import KVBlock
-from engine.core.scheduler import SchedulerOutput
+from engine.core.sched_output import SchedulerOutput
 from engine.models.attention import AttentionMetadata
 
 

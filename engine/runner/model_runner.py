@@ -16,7 +16,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core.block_pool import KVBlock
-from engine.core.scheduler import SchedulerOutput
+from engine.core.sched_output import SchedulerOutput
 from engine.models.attention import AttentionMetadata
 from engine.models.config import ModelConfig
 from engine.models.dummy import load_dummy_model

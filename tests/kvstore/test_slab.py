@@ -1,0 +1,87 @@
+"""The slab's index over slot numbers: hits, leases, LRU eviction tail-first, expiry, deletes under a lease."""
+
+from __future__ import annotations
+
+import time
+
+from kvstore.slab import Slab
+
+SLOT = 64
+
+
+def make(num_slots: int = 4, **kwargs) -> tuple[Slab, bytearray]:
+    buffer = bytearray(num_slots * SLOT)
+    return Slab(buffer, num_slots, SLOT, **kwargs), buffer
+
+
+def put(slab: Slab, namespace: str, keys: list[bytes], expires_at: float | None = None) -> list[int]:
+    slots = slab.allocate(len(keys))
+    for key, slot in zip(keys, slots):
+        slab.view(slot)[:] = key * (SLOT // len(key))
+    slab.commit(namespace, keys[:len(slots)], slots, [7] * len(slots), [expires_at] * len(slots))
+    return slots
+
+
+def test_blocks_are_found_in_their_slots_with_their_checksums():
+    slab, _ = make()
+    slots = put(slab, "ns", [b"a" * 16, b"b" * 16])
+    assert slab.lookup("ns", [b"a" * 16, b"b" * 16, b"c" * 16]) == 2
+    assert slab.lookup("other", [b"a" * 16]) == 0
+    found = slab.acquire("ns", [b"a" * 16, b"x" * 16, b"b" * 16])
+    assert [(b.slot, b.checksum) for b in found] == [(slots[0], 7)]
+    assert bytes(slab.view(found[0].slot)) == b"a" * SLOT
+    slab.release([b.slot for b in found])
+
+
+def test_eviction_takes_the_least_recent_unleased_slot_and_reports_it():
+    evicted = []
+    slab, _ = make(3, on_evict=lambda blocks: evicted.extend((e.key, bytes(slab.view(e.block.slot))) for e in blocks))
+    put(slab, "ns", [b"h" * 16, b"m" * 16, b"t" * 16])
+    # A chain is touched tail-first, so its head is the most recent and the tail goes first.
+    leased = slab.acquire("ns", [b"h" * 16, b"m" * 16, b"t" * 16])
+    slab.release([b.slot for b in leased])
+    new = slab.allocate(1)
+    assert evicted == [(b"t" * 16, b"t" * SLOT)]
+    assert slab.lookup("ns", [b"h" * 16, b"m" * 16, b"t" * 16]) == 2
+    slab.release(new)
+
+
+def test_leased_slots_are_never_evicted_or_reused():
+    slab, _ = make(2)
+    put(slab, "ns", [b"a" * 16, b"b" * 16])
+    held = slab.acquire("ns", [b"a" * 16, b"b" * 16])
+    assert slab.allocate(1) == []            # everything is leased: nothing to give
+    assert slab.delete("ns", [b"a" * 16]) == 1
+    assert slab.allocate(1) == []            # deleted, but its slot is still being read
+    slab.release([b.slot for b in held])
+    assert sorted(slab.allocate(2)) == sorted(b.slot for b in held)
+
+
+def test_a_key_already_present_keeps_its_copy_and_the_new_slot_is_freed():
+    slab, _ = make(2)
+    first = put(slab, "ns", [b"a" * 16])
+    second = slab.allocate(1)
+    slab.commit("ns", [b"a" * 16], second, [9], [None])
+    assert [b.slot for b in slab.acquire("ns", [b"a" * 16])] == first
+    assert slab.num_free == 1
+
+
+def test_expired_blocks_are_misses_and_a_tier_ttl_bounds_every_block():
+    slab, _ = make(2)
+    put(slab, "ns", [b"a" * 16], expires_at=time.time() - 1)
+    assert slab.lookup("ns", [b"a" * 16]) == 0
+    assert slab.num_free == 2
+    short, _ = make(2, ttl_s=0.05)
+    put(short, "ns", [b"a" * 16])
+    assert short.lookup("ns", [b"a" * 16]) == 1
+    time.sleep(0.06)
+    assert short.lookup("ns", [b"a" * 16]) == 0
+
+
+def test_clear_removes_exactly_one_namespace():
+    slab, _ = make(4)
+    put(slab, "tenant", [b"a" * 16])
+    put(slab, "tenant:b", [b"b" * 16])
+    assert slab.clear("tenant") == 1
+    assert slab.lookup("tenant:b", [b"b" * 16]) == 1
+    assert {ns: u.blocks for ns, u in slab.usage().items()} == {"tenant:b": 1}
