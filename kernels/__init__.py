@@ -88,13 +88,13 @@ def paged_attention(
     return paged_attention_ref(*args)
 
 
-def gather_blocks(kv_cache: Tensor, block_ids: Tensor) -> Tensor:
-    """Pack blocks ``block_ids`` into a new [n, L, 2, bs, Hk, D] tensor."""
+def gather_blocks(kv_cache: Tensor, block_ids: Tensor, out: Tensor | None = None) -> Tensor:
+    """Pack blocks ``block_ids`` into a [n, L, 2, bs, Hk, D] tensor: a new one, or ``out``."""
     if kv_cache.is_cuda:
         from kernels.kv_cache_ops_triton import gather_blocks_triton
 
-        return gather_blocks_triton(kv_cache, block_ids)
-    return gather_blocks_ref(kv_cache, block_ids)
+        return gather_blocks_triton(kv_cache, block_ids, out)
+    return gather_blocks_ref(kv_cache, block_ids, out)
 
 
 def scatter_blocks(kv_cache: Tensor, block_ids: Tensor, src: Tensor) -> None:

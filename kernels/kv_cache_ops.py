@@ -23,9 +23,12 @@ def write_kv_ref(k: Tensor, v: Tensor, kv_cache: Tensor, layer: int, slot_mappin
     kv_cache[blocks, layer, 1, offsets] = v[keep].to(kv_cache.dtype)
 
 
-def gather_blocks_ref(kv_cache: Tensor, block_ids: Tensor) -> Tensor:
-    """Pack blocks ``block_ids`` [n] into a new contiguous tensor [n, L, 2, bs, Hk, D] (for offload)."""
-    return kv_cache.index_select(0, block_ids)
+def gather_blocks_ref(kv_cache: Tensor, block_ids: Tensor, out: Tensor | None = None) -> Tensor:
+    """Pack blocks ``block_ids`` [n] into a contiguous tensor [n, L, 2, bs, Hk, D] (for offload): a new
+    one, or ``out`` (contiguous, that shape and dtype)."""
+    if out is None:
+        return kv_cache.index_select(0, block_ids)
+    return torch.index_select(kv_cache, 0, block_ids, out=out)
 
 
 def scatter_blocks_ref(kv_cache: Tensor, block_ids: Tensor, src: Tensor) -> None:

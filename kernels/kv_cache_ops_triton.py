@@ -72,10 +72,11 @@ def _block_numel(kv_cache: Tensor) -> int:
     return kv_cache[0].numel()
 
 
-def gather_blocks_triton(kv_cache: Tensor, block_ids: Tensor) -> Tensor:
+def gather_blocks_triton(kv_cache: Tensor, block_ids: Tensor, out: Tensor | None = None) -> Tensor:
     """Same contract as ``kernels.kv_cache_ops.gather_blocks_ref``."""
     numel = _block_numel(kv_cache)
-    out = torch.empty((block_ids.shape[0], *kv_cache.shape[1:]), dtype=kv_cache.dtype, device=kv_cache.device)
+    if out is None:
+        out = torch.empty((block_ids.shape[0], *kv_cache.shape[1:]), dtype=kv_cache.dtype, device=kv_cache.device)
     if block_ids.shape[0]:
         grid = (block_ids.shape[0], triton.cdiv(numel, _CHUNK))
         _copy_blocks_kernel[grid](kv_cache, out, block_ids, numel, GATHER=True, CHUNK=_CHUNK, num_warps=4)

@@ -122,7 +122,7 @@ class OffloadingConnector:
         state = self._state(request, gpu_hit_tokens)
         if not (state.decision.load or state.decision.save):
             return 0
-        num_blocks = (request.num_tokens - 1) // self.block_size
+        num_blocks = request.num_tokens // self.block_size
         if num_blocks == 0:
             return 0
         first_try = state.found is None
@@ -133,7 +133,9 @@ class OffloadingConnector:
             state.blocks_in_store = state.found.num_hits
         if not state.decision.load:
             return 0
-        hit_end = state.found.num_hits * self.block_size
+        # A prompt that ends on a block boundary loads its last block too and recomputes only its
+        # last token (whose logits give the first new token): 1 token, not 256, to compute.
+        hit_end = min(state.found.num_hits * self.block_size, request.num_tokens - 1)
         if first_try:
             for j, tier in enumerate(state.found.tiers):
                 new = min((j + 1) * self.block_size, hit_end) - max(j * self.block_size, gpu_hit_tokens)
@@ -163,7 +165,7 @@ class OffloadingConnector:
         state = self._requests[request.request_id]
         state.found = None  # admitted: a later admission (after a preemption) looks up afresh
         first = gpu_hit_tokens // self.block_size
-        end = (gpu_hit_tokens + num_tokens) // self.block_size
+        end = -(-(gpu_hit_tokens + num_tokens) // self.block_size)
         ppb = self.pages_per_block
         state.load_from = first
         state.load_start_tokens = gpu_hit_tokens
@@ -183,7 +185,8 @@ class OffloadingConnector:
             state = self._requests.get(result.request_id)
             if state is None:
                 continue
-            ready = max(state.load_start_tokens, (state.load_from + result.blocks_loaded) * self.block_size)
+            ready = max(state.load_start_tokens,
+                        min((state.load_from + result.blocks_loaded) * self.block_size, state.load_end_tokens))
             # Blocks it could not deliver (a tier failed, a checksum did not match) are saved again
             # once recomputed: the store may have lost or deleted them.
             state.blocks_in_store = min(state.blocks_in_store, state.load_from + result.blocks_loaded)

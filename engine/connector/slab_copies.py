@@ -8,7 +8,8 @@ one chunk crosses PCIe while the next is gathered or scattered; a half is reused
 copies out of it finished (a device-side wait, never a host one).
 
 Save: checksums over the pages, then per chunk a gather into staging on the compute stream (so the
-pages are read before any later forward can reuse them) and the device-to-host copies on a side
+pages are read before any later forward can reuse them; the Triton page-copy kernel, at HBM speed,
+where `index_select` over 1.75 MiB rows of bytes ran at ~350 GB/s) and the device-to-host copies on a side
 stream (so decode steps do not wait for PCIe). Load: per chunk, host-to-device copies into staging
 and a scatter into the pages, then the checksums over the destination pages, all on the load's
 stream. On CPU the same moves are one `index_select`/`index_copy_` per block, synchronously.
@@ -92,6 +93,10 @@ class SlabCopies:
         t = torch.tensor(ids, dtype=torch.int64)
         return t.pin_memory().to(self.kv_cache.device, non_blocking=True) if self.cuda else t
 
+    def _as_pages(self, rows: torch.Tensor) -> torch.Tensor:
+        """Block rows of bytes as the cache's pages: [n * ppb, L, 2, page tokens, Hk, D]."""
+        return rows.view(self.kv_cache.dtype).view(-1, *self.kv_cache.shape[1:])
+
     def _block_pages(self, slot: int) -> torch.Tensor:
         return self.slab_rows[slot].view(self.ppb, self.page_bytes)
 
@@ -114,7 +119,7 @@ class SlabCopies:
             chunk = slots[first:first + per_chunk]
             half, rows = self._save_staging.take(compute)
             pages = ids[first * self.ppb:(first + len(chunk)) * self.ppb]
-            torch.index_select(self.kv_pages, 0, pages, out=rows[:len(chunk)].view(-1, self.page_bytes))
+            kernels.gather_blocks(self.kv_cache, pages, out=self._as_pages(rows[:len(chunk)]))
             gathered = torch.cuda.Event()
             gathered.record(compute)
             self._copy_stream.wait_event(gathered)
@@ -158,8 +163,8 @@ class SlabCopies:
                 for i, slot, count in slot_runs(chunk):
                     rows[i:i + count].copy_(self.slab_rows[slot:slot + count], non_blocking=True)
                 start = max(skip_pages - first * self.ppb, 0)
-                pages = rows[:len(chunk)].view(-1, self.page_bytes)[start:]
-                self.kv_pages.index_copy_(0, dst_ids[first * self.ppb + start:(first + len(chunk)) * self.ppb], pages)
+                kernels.scatter_blocks(self.kv_cache, dst_ids[first * self.ppb + start:(first + len(chunk)) * self.ppb],
+                                       self._as_pages(rows[:len(chunk)])[start:])
                 self._load_staging.give_back(half, stream)
             ok = kernels.block_checksums(self.kv_cache, self.device_ids(checked_ids), self.ppb) == \
                 self.device_ids(expected)

@@ -87,7 +87,7 @@ def thaw_heap() -> None:
 
 
 def kv_namespace(cfg: ModelConfig, block_size: int) -> Namespace:
-    """The namespace that pins what a KV block's bytes depend on (shared/DESIGN.md, Keys)."""
+    """The namespace that pins what a KV block's bytes depend on (kvstore/keys.py says why)."""
     return Namespace(model=cfg.name, revision=cfg.revision, dtype=str(cfg.dtype).removeprefix("torch."),
                      num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                      block_size=block_size)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from engine.llm import LLM
 from engine.sampling.params import SamplingParams
+from kvstore.checksum import SealedBlock
 from kvstore.config import parse_store_config
 from kvstore.keys import chain_hash
 from kvstore.server import serve
@@ -96,23 +97,23 @@ def daemon_in_process(tiers: list[dict], store: TieredStore | None = None):
 
 
 class GatedStore(TieredStore):
-    """A real TieredStore whose `get` waits at a gate: lets a test break a tier (or kill the daemon)
-    while a load is in flight, at a moment it chooses."""
+    """A real TieredStore whose reads wait at a gate (`get` reads through `get_sealed`): lets a test
+    break a tier (or kill the daemon) while a load is in flight, at a moment it chooses."""
 
     def __init__(self, tiers: list[dict]) -> None:
         super().__init__(tiers)
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def get(self, namespace: str, keys: list[bytes]) -> list[bytes | None]:
+    def get_sealed(self, namespace: str, keys: list[bytes]) -> list[SealedBlock | None]:
         self.entered.set()
         self.release.wait(timeout=30)
-        return super().get(namespace, keys)
+        return super().get_sealed(namespace, keys)
 
 
 def block_keys(llm: LLM, prompt: list[int]) -> list[bytes]:
     """The store keys of the prompt's full 256-token blocks: the chained hash of each block's last
-    16-token page, seeded by the engine's model namespace (shared/DESIGN.md, Keys)."""
+    16-token page, seeded by the engine's model namespace (kvstore/keys.py)."""
     core = llm.engine.core
     page = core.config.block_size
     parent, page_keys = core.namespace.digest(), []

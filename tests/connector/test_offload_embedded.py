@@ -62,3 +62,18 @@ def test_a_request_waiting_for_pages_looks_up_once(tiny_model, cold):
     assert grew("tierkv:offload_hit_tokens{tier=memory}") == PREFIX_LEN
     assert grew("tierkv:offload_loaded_tokens") == PREFIX_LEN
     core.close()
+
+
+def test_a_prompt_ending_on_a_block_boundary_loads_every_block_and_computes_one_token(tiny_model, cold):
+    prompt = tokens(37, 4 * 256)
+    llm = make_llm(tiny_model, kv_config())
+    core = llm.engine.core
+    assert generate(llm, prompt) == cold(prompt)
+    assert core.connector.flush()
+    core.kv.pool.reset_prefix_cache()
+    before = core.stats().computed_tokens
+    loaded = core.connector.metrics.snapshot().get("tierkv:offload_loaded_tokens", 0)
+    assert generate(llm, prompt) == cold(prompt)
+    assert core.stats().computed_tokens - before == 1 + MAX_TOKENS - 1
+    assert core.connector.metrics.snapshot()["tierkv:offload_loaded_tokens"] - loaded == len(prompt) - 1
+    core.close()

@@ -39,3 +39,17 @@ def test_gather_and_scatter_match_reference_exactly():
     ours = target.to(DEVICE)
     ops.scatter_blocks_triton(ours, dest.to(DEVICE), packed)
     assert torch.equal(ours.cpu(), expected)
+
+
+def test_gather_into_a_given_buffer_matches_reference_exactly():
+    """The offload path gathers into rows of a reused staging buffer, viewed as pages."""
+    gen = torch.Generator().manual_seed(1)
+    cache = torch.randn(6, 2, 2, 16, 2, 8, generator=gen).to(torch.bfloat16)
+    ids = torch.tensor([5, 0, 5, 2])
+    staging = torch.zeros(8 * cache[0].numel() * 2, dtype=torch.uint8, device=DEVICE)
+    out = staging.view(torch.bfloat16).view(8, *cache.shape[1:])[2:6]
+    returned = ops.gather_blocks_triton(cache.to(DEVICE), ids.to(DEVICE), out=out)
+    assert returned is out
+    assert torch.equal(out.cpu(), gather_blocks_ref(cache, ids))
+    assert torch.equal(gather_blocks_ref(cache, ids, out=torch.empty_like(out.cpu())), gather_blocks_ref(cache, ids))
+    assert not staging.view(torch.bfloat16).view(8, -1)[[0, 1, 6, 7]].any()

@@ -13,9 +13,9 @@ MIXED = [(0, 7), (5, 1), (37, 9), (20, 1), (0, 1), (16, 16)]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-def check(case, dtype):
+def check(case, dtype, num_splits=None):
     args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in case.args()]
-    out = kernel.paged_attention_triton(*args)
+    out = kernel.paged_attention_triton(*args, num_splits=num_splits)
     ref = paged_attention_ref(*case.args())
     assert out.dtype == dtype and out.shape == case.q.shape
     torch.testing.assert_close(out.cpu().float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
@@ -41,3 +41,12 @@ def test_decode_only_batch_and_odd_head_dim():
 def test_long_prefill_spans_several_query_tiles():
     case = make_paged_case([(8, 150), (33, 1)], 2, 1, 16, 16, torch.float32, num_layers=1, layer=0, seed=9)
     check(case, torch.float32)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keys_split_across_programs(num_splits, dtype):
+    """A prefill tail over a long cached context (and a decode beside it) with the keys split: some
+    splits of the short sequences get no keys at all and must weigh nothing."""
+    case = make_paged_case([(300, 20), (3, 1), (40, 7)], 8, 2, 32, 16, dtype, seed=num_splits)
+    check(case, dtype, num_splits)
