@@ -39,8 +39,8 @@ class ConnectorMetrics:
         self.save_seconds = hist("tierkv:offload_save_seconds",
                                  "Time from a batch's copies starting to its blocks being in the store")
         self.load_phase_seconds = Histogram(
-            "tierkv:offload_load_phase_seconds", "Time of each phase of a load: fetch (lookup, lease, "
-            "promotion from a lower tier), issue (enqueueing the copies), copy_verify (the copies and checksums)",
+            "tierkv:offload_load_phase_seconds", "Time of each phase of a load: fetch (leasing slots, "
+            "promotion from a lower tier), copy (slots to pages), verify (checksums over the pages, until seen)",
             labels + ["phase"], buckets=_LATENCY_BUCKETS, registry=self.registry)
 
     def inc(self, metric: Counter, amount: float = 1, **labels: str) -> None:

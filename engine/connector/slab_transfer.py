@@ -27,19 +27,20 @@ import torch
 from engine.connector.embedded_store import EmbeddedStore
 from engine.connector.jobs import LoadJob, LoadResult, SaveJob
 from engine.connector.metrics import ConnectorMetrics
-from engine.connector.slab_copies import IssuedSave, SlabCopies
+from engine.connector.slab_copies import GatheredSave, SlabCopies
 from kvstore.checksum import block_tag
 from kvstore.slab import SlotBlock
 
 logger = logging.getLogger(__name__)
 
+_DONE = object()
+
 
 @dataclass
 class _Save:
     jobs: list[SaveJob]
-    slots: list[int]
-    issued: IssuedSave
-    copy_s: float                     # host time of the copies (CPU: the copies themselves)
+    gathered: GatheredSave
+    started: float                    # when the engine thread began taking the blocks off the pages
 
 
 @dataclass
@@ -83,9 +84,10 @@ class SlabTransfer:
 
     # --- save -----------------------------------------------------------------------------------
     def save(self, jobs: list[SaveJob]) -> None:
-        """Enqueue the copies of the blocks of `jobs` into slab slots without waiting (engine thread)."""
+        """Take the blocks of `jobs` off their pages into slab-bound staging without waiting (engine
+        thread); the saver thread copies them into their slots and commits them."""
         wanted = sum(len(job.keys) for job in jobs)
-        slots = self.store.allocate(wanted)
+        slots = self.store.allocate(self.copies.room_for_save(wanted))
         self.metrics.inc(self.metrics.dropped_saves, wanted - len(slots))
         kept, room = [], len(slots)
         for job in jobs:
@@ -96,34 +98,32 @@ class SlabTransfer:
         if not kept:
             return
         start = time.perf_counter()
-        issued = self.copies.save([p for job in kept for p in job.page_ids], slots)
-        self._saves.put(_Save(kept, slots, issued, time.perf_counter() - start))
+        gathered = self.copies.gather([p for job in kept for p in job.page_ids], slots)
+        self._saves.put(_Save(kept, gathered, start))
 
     def _save_loop(self) -> None:
         while (save := self._saves.get()) is not None:
             try:
                 self._commit(save)
             except Exception:  # noqa: BLE001 - a failed save is skipped, never fatal
-                logger.exception("committing %d saved block(s) failed", len(save.slots))
+                logger.exception("committing %d saved block(s) failed", len(save.gathered.slots))
                 self.metrics.inc(self.metrics.store_errors, op="put")
-                self.store.release(save.slots)
+                self.store.release(save.gathered.slots)
             finally:
                 self._saves.task_done()
 
     def _commit(self, save: _Save) -> None:
-        issued = save.issued
-        copy_s = save.copy_s
-        if issued.done is not None:
-            issued.done.synchronize()
-            copy_s = issued.started.elapsed_time(issued.done) / 1e3   # device time from the checksums to the last byte
-        start = time.perf_counter()
-        sums = issued.sums.tolist()
+        gathered = save.gathered
+        # On CUDA the clock starts when the blocks are off the pages: the gather waits for the
+        # step's forward, which is not the save's cost.
+        started = self.copies.copy_out(gathered) if gathered.staging is not None else save.started
+        sums = gathered.sums.tolist()
         first = 0
         for job in save.jobs:
             n = len(job.keys)
-            self._commit_job(job, save.slots[first:first + n], sums[first:first + n])
+            self._commit_job(job, gathered.slots[first:first + n], sums[first:first + n])
             first += n
-        self.metrics.observe(self.metrics.save_seconds, copy_s + time.perf_counter() - start)
+        self.metrics.observe(self.metrics.save_seconds, time.perf_counter() - started)
 
     def _commit_job(self, job: SaveJob, slots: list[int], sums: list[int]) -> None:
         expires_at = time.time() + job.ttl_s if job.ttl_s is not None else None
@@ -163,7 +163,7 @@ class SlabTransfer:
             if load is None:
                 return
             load.cancelled = True
-            if load.issued and load.event is not None:
+            if load.event is not None:
                 # Copies may still be writing the pages: later compute work must wait for them.
                 torch.cuda.current_stream(self.device).wait_event(load.event)
 
@@ -203,15 +203,29 @@ class SlabTransfer:
                                                   load.blocks[0].checksum, load.blocks[0].expires_at)
         slots = [b.slot for b in load.blocks]
         page_ids = job.page_ids[:len(slots) * self.ppb]
+        chunks = self.copies.load_chunks(self._load_stream, slots, page_ids, skip)
+        while True:
+            # Each block is enqueued under the lock, so a cancelled load enqueues nothing more and
+            # `cancel_load` knows the last event its pages must wait for.
+            with self._lock:
+                if load.cancelled or next(chunks, _DONE) is _DONE:
+                    break
+                load.event = self._record()
+            if load.event is not None:
+                load.event.synchronize()
         with self._lock:
             if load.cancelled:
                 return
-            load.ok = self.copies.load(self._load_stream, slots, page_ids, skip, page_ids[first * self.ppb:],
-                                       expected[first:])
-            if self.cuda:
-                load.event = torch.cuda.Event()
-                load.event.record(self._load_stream)
+            load.ok = self.copies.verify(self._load_stream, slots, page_ids[first * self.ppb:], expected[first:])
+            load.event = self._record()
         load.issued_s = time.perf_counter()
+
+    def _record(self) -> torch.cuda.Event | None:
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self._load_stream)
+        return event
 
     def wait_for_load(self, timeout: float) -> None:
         """Block until some load is done (or `timeout`); lets an idle engine avoid spinning."""
@@ -251,11 +265,11 @@ class SlabTransfer:
 
     def _observe_phases(self, load: _Load, now: float) -> None:
         job = load.job
-        phases = {"fetch": load.fetched_s - job.started, "issue": load.issued_s - load.fetched_s,
-                  "copy_verify": now - load.issued_s}
+        phases = {"fetch": load.fetched_s - job.started, "copy": load.issued_s - load.fetched_s,
+                  "verify": now - load.issued_s}
         for phase, seconds in phases.items():
             self.metrics.observe_phase(phase, seconds)
-        logger.info("loaded %d block(s) (%.1f MiB) for %s in %.1f ms: fetch %.1f, issue %.1f, copy+verify %.1f",
+        logger.info("loaded %d block(s) (%.1f MiB) for %s in %.1f ms: fetch %.1f, copy %.1f, verify %.1f",
                     len(load.blocks), len(load.blocks) * self.block_bytes / 2**20, job.request_id,
                     (now - job.started) * 1e3, *(v * 1e3 for v in phases.values()))
 
