@@ -91,6 +91,16 @@ def _channel_options() -> list[tuple[str, int]]:
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
 
 
+def open_channel(target: Target, root_certificates: bytes | None = None,
+                 options: list[tuple[str, int]] | None = None) -> grpc.Channel:
+    """A sync channel to the daemon (TLS for grpcs://)."""
+    options = _channel_options() + (options or [])
+    if target.tls:
+        creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        return grpc.secure_channel(target.address, creds, options=options)
+    return grpc.insecure_channel(target.address, options=options)
+
+
 def _sealed(namespace: str, blocks: list[tuple[bytes, bytes]]) -> list[tuple[bytes, SealedBlock]]:
     return [(key, SealedBlock.seal(payload, namespace, key)) for key, payload in blocks]
 
@@ -181,11 +191,7 @@ class KVStoreClient:
         self._retry = retry
         self._metadata = bearer_metadata(token)
         self._chunk_bytes = chunk_bytes
-        if target.tls:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self._channel = grpc.secure_channel(target.address, creds, options=_channel_options())
-        else:
-            self._channel = grpc.insecure_channel(target.address, options=_channel_options())
+        self._channel = open_channel(target, root_certificates)
         self._stub = pb_grpc.KVStoreStub(self._channel)
         self._shm: ShmTransport | None = None
         if shm is True or (shm == "auto" and is_local_host(target.address)):

@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -66,18 +67,31 @@ class _Strict(BaseModel):
 
 
 class MemoryTierConfig(_Strict):
-    """CPU memory: a byte budget; LRU-by-prefix eviction writes blocks down to the next tier."""
+    """CPU memory: a byte budget; LRU-by-prefix eviction writes blocks down to the next tier.
+
+    With `slot_bytes`, the budget is a slab of `bytes // slot_bytes` slots in a /dev/shm segment
+    (kvstore/tiers/slab.py) that engines on the daemon's host map, so block bytes never cross gRPC;
+    `slot_bytes` must then be the engines' offloaded block size.
+    """
 
     type: Literal["memory"]
     name: str | None = None
     bytes: Annotated[int, Field(ge=0)] = 8 * 2**30
+    slot_bytes: Annotated[int, Field(ge=1)] | None = None
     ttl_s: TtlSeconds | None = None
     verify_reads: bool = True
 
-    @field_validator("bytes", mode="before")
+    @field_validator("bytes", "slot_bytes", mode="before")
     @classmethod
-    def _size(cls, value: Any) -> int:
-        return parse_bytes(value)
+    def _size(cls, value: Any) -> int | None:
+        return None if value is None else parse_bytes(value)
+
+    @field_validator("slot_bytes")
+    @classmethod
+    def _slots_fit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value > info.data.get("bytes", value):
+            raise ValueError("must be at most bytes (the slab holds bytes // slot_bytes slots)")
+        return value
 
     @property
     def tier_name(self) -> str:
@@ -176,6 +190,15 @@ def _check_unique_names(tiers: list[TierConfig]) -> None:
         raise ValueError(f"tier names must be unique; repeated: {duplicates} (add a 'name:' key)")
 
 
+def _check_slab_first(tiers: list[TierConfig]) -> None:
+    # Same-host engines lease slots of the slab and the daemon promotes into it from the tiers
+    # below: one slab, above every other tier.
+    for i, tier in enumerate(tiers[1:], start=1):
+        if isinstance(tier, MemoryTierConfig) and tier.slot_bytes is not None:
+            raise ValueError(f"tiers.{i}.memory.slot_bytes: only the first tier may be a slab (the tier "
+                             f"same-host engines map)")
+
+
 class StoreConfig(_Strict):
     """The daemon's config file (`kvstore serve --config`)."""
 
@@ -202,6 +225,7 @@ class StoreConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "StoreConfig":
         _check_unique_names(self.tiers)
+        _check_slab_first(self.tiers)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         return self

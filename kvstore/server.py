@@ -24,6 +24,7 @@ from kvstore.limits import LimitError, Limits
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.shm_sessions import ShmError, ShmSessions
+from kvstore.slab_sessions import CommitEntry, SlabError, SlabSessions
 from kvstore.store import TieredStore
 from kvstore.streaming import CHUNK_BYTES, BlockAssembler, block_messages
 
@@ -49,11 +50,13 @@ def tier_service_name(tier: str) -> str:
 class KVStoreServicer(pb_grpc.KVStoreServicer):
     """Validates each request against the limits, then calls the store."""
 
-    def __init__(self, store: TieredStore, limits: Limits, tier_names: list[str], shm: ShmSessions):
+    def __init__(self, store: TieredStore, limits: Limits, tier_names: list[str], shm: ShmSessions,
+                 slab: SlabSessions):
         self._store = store
         self._limits = limits
         self._tier_names = tier_names
         self._shm = shm
+        self._slab = slab
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
         keys = self._checked(context, request.namespace, list(request.keys))
@@ -229,6 +232,75 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                                              expires_at=block.expires_at or 0.0))
         return results
 
+    def AttachSlab(self, request: pb.AttachSlabRequest, context: grpc.ServicerContext) -> Iterator[pb.SlabSession]:
+        try:
+            session = self._slab.attach()
+        except SlabError as error:
+            _abort(context, _SHM_CODES[error.kind], str(error))
+        try:
+            # The call ends when the client cancels it or its connection dies: its leases go with it.
+            if context.add_callback(session.ended.set):
+                yield pb.SlabSession(**self._slab.describe(session))
+                session.ended.wait()
+        finally:
+            self._slab.detach(session.session_id)
+
+    def AllocateSlots(self, request: pb.AllocateSlotsRequest,
+                      context: grpc.ServicerContext) -> pb.AllocateSlotsResponse:
+        def allocate() -> pb.AllocateSlotsResponse:
+            if request.count > self._limits.max_keys_per_call:
+                raise LimitError(f"count: {request.count} slots in one call, the limit (max_keys_per_call) is "
+                                 f"{self._limits.max_keys_per_call}")
+            return pb.AllocateSlotsResponse(slots=self._slab.allocate(self._session(request), request.count))
+
+        return self._slab_call(context, allocate)
+
+    def AcquireSlots(self, request: pb.AcquireSlotsRequest, context: grpc.ServicerContext) -> pb.AcquireSlotsResponse:
+        keys = self._checked(context, request.namespace, list(request.keys))
+
+        def acquire() -> pb.AcquireSlotsResponse:
+            blocks = self._slab.acquire(self._session(request), request.namespace, keys)
+            return pb.AcquireSlotsResponse(blocks=[
+                pb.SlotBlock(slot=b.slot, checksum=b.checksum, expires_at=b.expires_at or 0.0, length=b.length)
+                for b in blocks])
+
+        return self._slab_call(context, acquire)
+
+    def CommitSlots(self, request: pb.CommitSlotsRequest, context: grpc.ServicerContext) -> pb.PutResponse:
+        def commit() -> pb.PutResponse:
+            tiers, ttl_s = self._put_target(request.header)
+            self._limits.check_block_count(len(request.blocks))
+            for i, block in enumerate(request.blocks):
+                self._limits.check_key(block.key, i)
+                self._limits.check_expires_at(block.expires_at or None, i)
+            entries = [CommitEntry(b.key, b.slot, b.checksum, b.expires_at or None) for b in request.blocks]
+            return pb.PutResponse(stored=self._slab.commit(self._session(request), request.header.namespace,
+                                                           entries, tiers, ttl_s))
+
+        return self._slab_call(context, commit)
+
+    def ReleaseSlots(self, request: pb.ReleaseSlotsRequest, context: grpc.ServicerContext) -> pb.ReleaseSlotsResponse:
+        def release() -> pb.ReleaseSlotsResponse:
+            if len(request.slots) > self._limits.max_keys_per_call:
+                raise LimitError(f"slots: {len(request.slots)} slots in one call, the limit (max_keys_per_call) "
+                                 f"is {self._limits.max_keys_per_call}")
+            self._slab.release(self._session(request), list(request.slots))
+            return pb.ReleaseSlotsResponse()
+
+        return self._slab_call(context, release)
+
+    def _session(self, request):
+        return self._slab.session(request.session.session_id, request.session.nonce)
+
+    @staticmethod
+    def _slab_call(context: grpc.ServicerContext, call):
+        try:
+            return call()
+        except LimitError as error:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except SlabError as error:
+            _abort(context, _SHM_CODES[error.kind], str(error))
+
     def _checked(self, context: grpc.ServicerContext, namespace: str, keys: list[bytes]) -> list[bytes]:
         try:
             self._limits.check_namespace(namespace)
@@ -250,6 +322,7 @@ class ServerHandle:
     host: str
     store: TieredStore
     shm: ShmSessions
+    slab: SlabSessions
     _server: grpc.Server
     _health: health.HealthServicer
     _owns_store: bool
@@ -269,7 +342,9 @@ class ServerHandle:
         self._health.enter_graceful_shutdown()
         # AttachShm streams last as long as their sessions: end them, or every stop waits out the grace.
         self.shm.end_all()
+        self.slab.end_all()
         self._server.stop(grace_s).wait()
+        self.slab.close()
         if self._monitor is not None:
             self._monitor.join()
         if self._metrics_http is not None:
@@ -311,13 +386,17 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
     )
     # Each shm session holds one RPC thread (its AttachShm stream): keep half the pool for calls.
     shm = ShmSessions(cfg.shm, min(cfg.shm_max_sessions, workers // 2))
-    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, Limits.from_config(cfg), tier_names, shm), server)
+    # Each slab session holds one RPC thread (its AttachSlab stream) too.
+    slab = SlabSessions(store, min(cfg.shm_max_sessions, workers // 2))
+    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, Limits.from_config(cfg), tier_names, shm, slab),
+                                          server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = server.add_secure_port(address, _tls_credentials(cfg)) if cfg.tls_cert else server.add_insecure_port(address)
     if bound == 0:
+        slab.close()
         if owns_store:
             store.close()
         raise OSError(f"kvstore: cannot listen on {address} (port in use or bad host)")
@@ -325,7 +404,7 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
-    handle = ServerHandle(port=bound, host=host, store=store, shm=shm, _server=server, _health=health_servicer,
+    handle = ServerHandle(port=bound, host=host, store=store, shm=shm, slab=slab, _server=server, _health=health_servicer,
                           _owns_store=owns_store)
     if metrics_port is not None:
         handle._metrics_http = metrics.start_metrics_server(metrics_port, host)

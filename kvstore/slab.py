@@ -6,7 +6,8 @@ and slots directly. What this class keeps is metadata only: which (namespace, ke
 slot, its checksum and expiry, an LRU order, and leases.
 
 A lease keeps a slot's bytes from changing while someone reads or writes them: `allocate` leases
-empty slots for a save, `acquire` leases the slots of present blocks for a load. Eviction never
+empty slots for a save, `acquire` leases the slots of present blocks for a load (`acquire_each`:
+of every present block, for a reader that wants any subset, not a prefix). Eviction never
 takes a leased slot; a block deleted or replaced while leased keeps its slot until the last lease
 goes, then the slot is free. So a DMA in flight always reads or writes the bytes it was given.
 
@@ -14,6 +15,9 @@ Eviction is LRU, touched tail-first: within one acquire the blocks of a chain ar
 to first, so the head of a chain (the shared system prompt every request starts with) is the most
 recently used and tails age out first. A lookup stops at the first miss, so losing a head would
 hide every block after it.
+
+A block fills its slot (the engine's blocks are all `slot_bytes`) unless it was committed with a
+shorter `length` (the daemon's payload path stores blocks of any size up to a slot).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class SlotBlock:
     slot: int
     checksum: int
     expires_at: float | None
+    length: int | None = None   # bytes of the slot the block fills; None: all of it
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +80,7 @@ class Slab:
         self._leases = [0] * num_slots
         self._lru: OrderedDict[int, None] = OrderedDict()   # indexed slots, least recently used first
         self._free = list(range(num_slots - 1, -1, -1))     # popped from the end: low slots first
-        self._per_namespace: dict[str, int] = {}
+        self._per_namespace: dict[str, list[int]] = {}   # namespace -> [blocks, bytes]
 
     # --- reads ----------------------------------------------------------------------------------
     def lookup(self, namespace: str, keys: Sequence[bytes]) -> int:
@@ -87,6 +92,12 @@ class Slab:
                     return i
         return len(keys)
 
+    def contains(self, namespace: str, keys: Sequence[bytes]) -> list[bool]:
+        """Which keys are present (no lease, no LRU touch)."""
+        now = time.time()
+        with self._lock:
+            return [self._live(namespace, key, now) is not None for key in keys]
+
     def acquire(self, namespace: str, keys: Sequence[bytes]) -> list[SlotBlock]:
         """Lease the slots of the leading present keys; give them back with `release`."""
         now = time.time()
@@ -97,9 +108,15 @@ class Slab:
                 if block is None:
                     break
                 found.append(block)
-            for block in reversed(found):
-                self._leases[block.slot] += 1
-                self._lru.move_to_end(block.slot)
+            self._lease(found)
+        return found
+
+    def acquire_each(self, namespace: str, keys: Sequence[bytes]) -> list[SlotBlock | None]:
+        """Lease the slot of every present key (None for a miss); give them back with `release`."""
+        now = time.time()
+        with self._lock:
+            found = [self._live(namespace, key, now) for key in keys]
+            self._lease([block for block in found if block is not None])
         return found
 
     def view(self, slot: int) -> memoryview:
@@ -133,18 +150,27 @@ class Slab:
         return slots
 
     def commit(self, namespace: str, keys: Sequence[bytes], slots: Sequence[int], checksums: Sequence[int],
-               expires_at: Sequence[float | None], *, keep_lease: bool = False) -> None:
-        """Index blocks written into allocated slots; a key already present keeps its older copy."""
+               expires_at: Sequence[float | None], *, lengths: Sequence[int] | None = None,
+               keep_lease: bool = False, replace: bool = False) -> None:
+        """Index blocks written into allocated slots (`lengths`: bytes of each; None: whole slots).
+        A key already present keeps its older copy (the engine saves the same bytes under the same
+        key), unless `replace` (a put that overwrites, as the payload path's tiers do)."""
+        lengths = [self.slot_bytes] * len(slots) if lengths is None else lengths
         with self._lock:
-            for key, slot, checksum, expires in zip(keys, slots, checksums, expires_at):
-                if (namespace, key) in self._index:
-                    continue
-                block = SlotBlock(slot, checksum, expires)
+            for key, slot, checksum, expires, length in zip(keys, slots, checksums, expires_at, lengths):
+                old = self._index.get((namespace, key))
+                if old is not None:
+                    if not replace:
+                        continue
+                    self._drop(old.slot)
+                block = SlotBlock(slot, checksum, expires, length)
                 self._index[(namespace, key)] = block
                 self._owner[slot] = (namespace, key)
                 self._deadline[slot] = self._deadline_of(block)
                 self._lru[slot] = None
-                self._per_namespace[namespace] = self._per_namespace.get(namespace, 0) + 1
+                held = self._per_namespace.setdefault(namespace, [0, 0])
+                held[0] += 1
+                held[1] += length
             if not keep_lease:
                 self._release(slots)
 
@@ -171,7 +197,7 @@ class Slab:
 
     def usage(self) -> dict[str, TierUsage]:
         with self._lock:
-            return {ns: TierUsage(n, n * self.slot_bytes) for ns, n in self._per_namespace.items()}
+            return {ns: TierUsage(blocks, size) for ns, (blocks, size) in self._per_namespace.items()}
 
     @property
     def num_free(self) -> int:
@@ -190,16 +216,22 @@ class Slab:
             return None
         return block
 
+    def _lease(self, blocks: list[SlotBlock]) -> None:
+        # Touched tail-first: the head of a chain ends up the most recently used.
+        for block in reversed(blocks):
+            self._leases[block.slot] += 1
+            self._lru.move_to_end(block.slot)
+
     def _unindex(self, slot: int) -> None:
         namespace, key = self._owner[slot]
-        del self._index[(namespace, key)]
+        block = self._index.pop((namespace, key))
         self._owner[slot] = None
         self._deadline[slot] = _NO_EXPIRY
         del self._lru[slot]
-        left = self._per_namespace[namespace] - 1
-        if left:
-            self._per_namespace[namespace] = left
-        else:
+        held = self._per_namespace[namespace]
+        held[0] -= 1
+        held[1] -= block.length
+        if not held[0]:
             del self._per_namespace[namespace]
 
     def _drop(self, slot: int) -> None:

@@ -67,6 +67,7 @@ class TieredStore:
             raise
         self._guards = [TierGuard(tier.name) for tier in self._tiers]
         self._index = {tier.name: i for i, tier in enumerate(self._tiers)}
+        self._tiers[-1].evictions_wanted = False   # past the last tier evicted blocks are dropped
 
     @classmethod
     def from_config(cls, cfg: StoreConfig) -> "TieredStore":
@@ -100,11 +101,19 @@ class TieredStore:
         """Like `get`, but each hit is the stored `SealedBlock`: its payload with the checksum and
         expiry it was put with, for a caller that checks the bytes again where it lands them (the
         engine, on the GPU, against `block.checksum`)."""
+        return self._get_sealed(namespace, keys, 0)
+
+    def get_sealed_below(self, namespace: str, keys: list[bytes], tier: str) -> list[SealedBlock | None]:
+        """Like `get_sealed` over the tiers after `tier` only, promoting among them but not into
+        `tier` (the daemon places these blocks in its slab itself, under a lease)."""
+        return self._get_sealed(namespace, keys, self._tier_indexes([tier])[0] + 1)
+
+    def _get_sealed(self, namespace: str, keys: list[bytes], first: int) -> list[SealedBlock | None]:
         found: list[SealedBlock | None] = [None] * len(keys)
         pending = list(range(len(keys)))
         promotions: list[tuple[int, list[tuple[bytes, SealedBlock]]]] = []
         now = time.time()
-        for t, tier in enumerate(self._tiers):
+        for t, tier in enumerate(self._tiers[first:], start=first):
             if not pending:
                 break
             asked = [keys[i] for i in pending]
@@ -125,11 +134,11 @@ class TieredStore:
             self._count_reads(tier.name, hits, len(still))
             if bad:
                 self._guards[t].call("delete", lambda: tier.delete(namespace, bad), 0)
-            if hits and t > 0 and self.promote_on_hit:
+            if hits and t > first and self.promote_on_hit:
                 promotions.append((t, hits))
             pending = still
         for t, hits in promotions:
-            self._promote(namespace, t, hits)
+            self._promote(namespace, t, hits, first)
         return found
 
     def put(
@@ -186,6 +195,14 @@ class TieredStore:
         for t, tier in enumerate(self._tiers):
             removed = max(removed, self._guards[t].call("clear", lambda: tier.clear(namespace), 0))
         return removed
+
+    def write_down(self, tier: str, evicted: list[Evicted]) -> None:
+        """Write blocks `tier` evicted outside a put (the slab's leases) to the tier below it."""
+        if evicted:
+            self._write_down(self._tier_indexes([tier])[0] + 1, evicted)
+
+    def tier(self, name: str) -> Tier:
+        return self._tiers[self._tier_indexes([name])[0]]
 
     def stats(self) -> dict[str, dict[str, TierUsage]]:
         """namespace -> tier name -> blocks and payload bytes held (tiers that are down are left out)."""
@@ -264,8 +281,8 @@ class TieredStore:
             if missing and self._put_into(namespace, t, missing):
                 tier_metrics.DEMOTIONS.labels(tier.name).inc(len(missing))
 
-    def _promote(self, namespace: str, found_in: int, hits: list[tuple[bytes, SealedBlock]]) -> None:
-        for t in range(found_in - 1, -1, -1):
+    def _promote(self, namespace: str, found_in: int, hits: list[tuple[bytes, SealedBlock]], top: int) -> None:
+        for t in range(found_in - 1, top - 1, -1):
             if self._put_into(namespace, t, hits):
                 tier_metrics.PROMOTIONS.labels(self._tiers[t].name).inc(len(hits))
 

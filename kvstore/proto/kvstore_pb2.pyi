@@ -217,3 +217,109 @@ class GetShmResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ShmHit]
     def __init__(self, results: _Optional[_Iterable[_Union[ShmHit, _Mapping]]] = ...) -> None: ...
+
+class AttachSlabRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SlabSession(_message.Message):
+    __slots__ = ("session_id", "segment_name", "num_slots", "slot_bytes", "slots_offset", "nonce_offset", "nonce_len")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NONCE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NONCE_LEN_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    segment_name: str
+    num_slots: int
+    slot_bytes: int
+    slots_offset: int
+    nonce_offset: int
+    nonce_len: int
+    def __init__(self, session_id: _Optional[str] = ..., segment_name: _Optional[str] = ..., num_slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., slots_offset: _Optional[int] = ..., nonce_offset: _Optional[int] = ..., nonce_len: _Optional[int] = ...) -> None: ...
+
+class SlabHandle(_message.Message):
+    __slots__ = ("session_id", "nonce")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    nonce: bytes
+    def __init__(self, session_id: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
+class AllocateSlotsRequest(_message.Message):
+    __slots__ = ("session", "count")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    session: SlabHandle
+    count: int
+    def __init__(self, session: _Optional[_Union[SlabHandle, _Mapping]] = ..., count: _Optional[int] = ...) -> None: ...
+
+class AllocateSlotsResponse(_message.Message):
+    __slots__ = ("slots",)
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, slots: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AcquireSlotsRequest(_message.Message):
+    __slots__ = ("session", "namespace", "keys")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    session: SlabHandle
+    namespace: str
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, session: _Optional[_Union[SlabHandle, _Mapping]] = ..., namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class SlotBlock(_message.Message):
+    __slots__ = ("slot", "checksum", "expires_at", "length")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    slot: int
+    checksum: int
+    expires_at: float
+    length: int
+    def __init__(self, slot: _Optional[int] = ..., checksum: _Optional[int] = ..., expires_at: _Optional[float] = ..., length: _Optional[int] = ...) -> None: ...
+
+class AcquireSlotsResponse(_message.Message):
+    __slots__ = ("blocks",)
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[SlotBlock]
+    def __init__(self, blocks: _Optional[_Iterable[_Union[SlotBlock, _Mapping]]] = ...) -> None: ...
+
+class CommittedSlot(_message.Message):
+    __slots__ = ("key", "slot", "checksum", "expires_at")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    slot: int
+    checksum: int
+    expires_at: float
+    def __init__(self, key: _Optional[bytes] = ..., slot: _Optional[int] = ..., checksum: _Optional[int] = ..., expires_at: _Optional[float] = ...) -> None: ...
+
+class CommitSlotsRequest(_message.Message):
+    __slots__ = ("session", "header", "blocks")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    session: SlabHandle
+    header: PutHeader
+    blocks: _containers.RepeatedCompositeFieldContainer[CommittedSlot]
+    def __init__(self, session: _Optional[_Union[SlabHandle, _Mapping]] = ..., header: _Optional[_Union[PutHeader, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[CommittedSlot, _Mapping]]] = ...) -> None: ...
+
+class ReleaseSlotsRequest(_message.Message):
+    __slots__ = ("session", "slots")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    session: SlabHandle
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session: _Optional[_Union[SlabHandle, _Mapping]] = ..., slots: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReleaseSlotsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -79,6 +79,31 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_proto_dot_kvstore__pb2.GetShmRequest.SerializeToString,
                 response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.GetShmResponse.FromString,
                 _registered_method=True)
+        self.AttachSlab = channel.unary_stream(
+                '/tierkv.kvstore.v1.KVStore/AttachSlab',
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.AttachSlabRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.SlabSession.FromString,
+                _registered_method=True)
+        self.AllocateSlots = channel.unary_unary(
+                '/tierkv.kvstore.v1.KVStore/AllocateSlots',
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.AllocateSlotsRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.AllocateSlotsResponse.FromString,
+                _registered_method=True)
+        self.AcquireSlots = channel.unary_unary(
+                '/tierkv.kvstore.v1.KVStore/AcquireSlots',
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.AcquireSlotsRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.AcquireSlotsResponse.FromString,
+                _registered_method=True)
+        self.CommitSlots = channel.unary_unary(
+                '/tierkv.kvstore.v1.KVStore/CommitSlots',
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.CommitSlotsRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.PutResponse.FromString,
+                _registered_method=True)
+        self.ReleaseSlots = channel.unary_unary(
+                '/tierkv.kvstore.v1.KVStore/ReleaseSlots',
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.ReleaseSlotsRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.ReleaseSlotsResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -153,6 +178,47 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachSlab(self, request, context):
+        """Same-host slab: the daemon's memory tier (with slot_bytes) is a slab of fixed-size slots in a
+        /dev/shm segment it created; engines on its host map it and move block bytes by DMA, and these
+        calls carry only slot numbers. Server streaming: one SlabSession, then the stream stays open for
+        the session's life; when it ends for any reason the daemon releases every lease the session
+        holds. FAILED_PRECONDITION when the daemon has no slab.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AllocateSlots(self, request, context):
+        """Lease up to `count` empty slots to write blocks into (fewer when the rest are leased).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcquireSlots(self, request, context):
+        """Lease the slots of the LEADING keys present in any tier; blocks found only in a lower tier are
+        first brought into slots (promoted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitSlots(self, request, context):
+        """Store blocks written into slots this session allocated, into the PutHeader's tiers (the slab
+        itself if it is named, the lower tiers from the slot bytes), and end those leases.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseSlots(self, request, context):
+        """End leases this session holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +266,31 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.GetShm,
                     request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.GetShmRequest.FromString,
                     response_serializer=kvstore_dot_proto_dot_kvstore__pb2.GetShmResponse.SerializeToString,
+            ),
+            'AttachSlab': grpc.unary_stream_rpc_method_handler(
+                    servicer.AttachSlab,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.AttachSlabRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.SlabSession.SerializeToString,
+            ),
+            'AllocateSlots': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllocateSlots,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.AllocateSlotsRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.AllocateSlotsResponse.SerializeToString,
+            ),
+            'AcquireSlots': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireSlots,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.AcquireSlotsRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.AcquireSlotsResponse.SerializeToString,
+            ),
+            'CommitSlots': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitSlots,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.CommitSlotsRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.PutResponse.SerializeToString,
+            ),
+            'ReleaseSlots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseSlots,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.ReleaseSlotsRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.ReleaseSlotsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,6 +536,141 @@ class KVStore:
             '/tierkv.kvstore.v1.KVStore/GetShm',
             kvstore_dot_proto_dot_kvstore__pb2.GetShmRequest.SerializeToString,
             kvstore_dot_proto_dot_kvstore__pb2.GetShmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachSlab(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tierkv.kvstore.v1.KVStore/AttachSlab',
+            kvstore_dot_proto_dot_kvstore__pb2.AttachSlabRequest.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.SlabSession.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllocateSlots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierkv.kvstore.v1.KVStore/AllocateSlots',
+            kvstore_dot_proto_dot_kvstore__pb2.AllocateSlotsRequest.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.AllocateSlotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireSlots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierkv.kvstore.v1.KVStore/AcquireSlots',
+            kvstore_dot_proto_dot_kvstore__pb2.AcquireSlotsRequest.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.AcquireSlotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitSlots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierkv.kvstore.v1.KVStore/CommitSlots',
+            kvstore_dot_proto_dot_kvstore__pb2.CommitSlotsRequest.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.PutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseSlots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierkv.kvstore.v1.KVStore/ReleaseSlots',
+            kvstore_dot_proto_dot_kvstore__pb2.ReleaseSlotsRequest.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.ReleaseSlotsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,6 +8,10 @@ from kvstore.tiers.base import Tier, TierError, TierUsage
 
 def build_tier(cfg: TierConfig) -> Tier:
     """The tier a config object describes (client libraries are imported only when used)."""
+    if isinstance(cfg, MemoryTierConfig) and cfg.slot_bytes is not None:
+        from kvstore.tiers.slab import SlabTier
+
+        return SlabTier(cfg)
     if isinstance(cfg, MemoryTierConfig):
         from kvstore.tiers.memory import MemoryTier
 

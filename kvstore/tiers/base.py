@@ -52,6 +52,9 @@ class Tier(ABC):
     name: str
     # Whether the store checks checksums of blocks read from this tier (memory may opt out).
     verify_reads: bool = True
+    # Whether anything below takes this tier's evictions (the store clears it on its last tier,
+    # so a tier that must copy an evicted block's bytes out to hand it over can skip the copy).
+    evictions_wanted: bool = True
 
     @abstractmethod
     def get(self, namespace: str, keys: Sequence[bytes]) -> list[SealedBlock | None]:

@@ -85,3 +85,26 @@ def test_clear_removes_exactly_one_namespace():
     assert slab.clear("tenant") == 1
     assert slab.lookup("tenant:b", [b"b" * 16]) == 1
     assert {ns: u.blocks for ns, u in slab.usage().items()} == {"tenant:b": 1}
+
+
+def test_blocks_shorter_than_a_slot_keep_their_length_and_a_replacing_commit_overwrites():
+    slab, _ = make(4)
+    slots = slab.allocate(2)
+    slab.commit("ns", [b"a" * 16, b"b" * 16], slots, [1, 2], [None, None], lengths=[10, SLOT])
+    assert [b.length for b in slab.acquire("ns", [b"a" * 16, b"b" * 16])] == [10, SLOT]
+    slab.release(slots)
+    assert slab.usage()["ns"].bytes == 10 + SLOT
+    newer = slab.allocate(1)
+    slab.commit("ns", [b"a" * 16], newer, [3], [None], lengths=[20], replace=True)
+    assert [(b.slot, b.checksum, b.length) for b in slab.acquire_each("ns", [b"a" * 16])] == [(newer[0], 3, 20)]
+    assert slab.usage()["ns"].bytes == 20 + SLOT and slab.num_free == 2   # the replaced copy's slot is free
+
+
+def test_contains_and_acquire_each_answer_every_key_not_a_prefix():
+    slab, _ = make(4)
+    put(slab, "ns", [b"a" * 16, b"c" * 16])
+    keys = [b"a" * 16, b"b" * 16, b"c" * 16]
+    assert slab.contains("ns", keys) == [True, False, True]
+    found = slab.acquire_each("ns", keys)
+    assert [b is not None for b in found] == [True, False, True]
+    assert len(slab.allocate(4)) == 2   # both hits are leased: only the two empty slots are given
