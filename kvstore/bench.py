@@ -5,6 +5,12 @@ tier alone and reading the blocks back once (run the daemon with `promote_on_hit
 from a lower tier are not also copies into the faster ones). Without a URL, each configured tier is
 measured as its own in-process single-tier store. Every block read back is compared with what was
 put: a wrong or missing block is counted, never silently timed.
+
+With `--shm`, the same daemon's slab (kvstore/slab_client.py) is measured beside the payload path, by
+value: a put leases slots, copies the blocks in, checksums them and commits them; a get leases the
+slots of the blocks and copies them out. Slots have one size, so only the block size equal to the
+daemon's `slot_bytes` is measured this way. An engine does neither copy (its GPU DMAs into and out of
+the slots and checksums there): these rows bound the control path, gRPC calls and leases, from above.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvstore.checksum import block_checksum
 from kvstore.config import StoreConfig, TierConfig
 from kvstore.store import TieredStore
 
@@ -90,6 +97,34 @@ def bench_tier(store, mode: str, tier: str, block_bytes: int, blocks: int, batch
     )
 
 
+class SlabByValue:
+    """The daemon's slab with the store interface the bench drives: blocks copied into and out of slots."""
+
+    def __init__(self, slab, control) -> None:
+        self.slab = slab          # a kvstore.slab_client.SlabClient
+        self.control = control    # a KVStoreClient of the same daemon, for deletes
+        self.slot_bytes = slab.slot_bytes
+
+    def put(self, namespace: str, blocks: list[tuple[bytes, bytes]], tiers: list[str] | None = None) -> int:
+        slots = self.slab.allocate(len(blocks))
+        for slot, (_, payload) in zip(slots, blocks):
+            self.slab.view(slot)[:] = payload
+        placed = blocks[:len(slots)]
+        sums = [block_checksum(payload, namespace, key) for key, payload in placed]
+        return self.slab.commit(namespace, [key for key, _ in placed], slots, sums, [None] * len(slots), tiers=tiers)
+
+    def get(self, namespace: str, keys: list[bytes]) -> list[bytes | None]:
+        found = self.slab.acquire(namespace, keys)
+        try:
+            payloads = [bytes(self.slab.view(b.slot)[:b.length]) for b in found]
+        finally:
+            self.slab.release([b.slot for b in found])
+        return payloads + [None] * (len(keys) - len(found))
+
+    def delete(self, namespace: str, keys: list[bytes]) -> int:
+        return self.control.delete(namespace, keys)
+
+
 def bench_grpc_baseline(block_sizes: list[int], blocks: int, batch: int) -> list[BenchResult]:
     """Raw gRPC over loopback moving the same calls of bytes (see kvstore/grpc_baseline.py)."""
     from kvstore.grpc_baseline import RawGrpcLoopback
@@ -136,7 +171,7 @@ def _bench_single_tier(tier_cfg: TierConfig, block_sizes: list[int], blocks: int
 
 def bench_daemon(clients: dict[str, object], block_sizes: list[int], blocks: int, batch: int) -> list[BenchResult]:
     """Each tier the daemon reports up, written through alone and read back through the daemon,
-    once per client (mode name -> client: e.g. the payload path and the shared-memory path),
+    once per client (mode name -> client: the payload path, and the slab for its slot size),
     alternating per block size so that both modes see the same machine load."""
     results = []
     first = next(iter(clients.values()))
@@ -146,6 +181,8 @@ def bench_daemon(clients: dict[str, object], block_sizes: list[int], blocks: int
             continue
         for size in block_sizes:
             for mode, client in clients.items():
+                if getattr(client, "slot_bytes", size) != size:
+                    continue
                 _progress(f"{mode} {tier}: {blocks} blocks of {size >> 10} KiB ...")
                 results.append(bench_tier(client, mode, tier, size, blocks, batch, [tier]))
     return results

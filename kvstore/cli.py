@@ -61,16 +61,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with contextlib.ExitStack() as stack:
             clients = {"daemon": stack.enter_context(KVStoreClient(args.url, **options))}
             if args.shm:
-                # Two windows of `batch` slots: a call of `batch` blocks is one PutShm / GetShm.
-                shm = stack.enter_context(KVStoreClient(args.url, shm=True, shm_slot_bytes=max(block_sizes),
-                                                        shm_slots=2 * args.batch, **options))
-                if shm.shm is None:
-                    raise ValueError(f"--shm: the daemon refused shared memory ({shm.shm_error})")
-                clients["daemon-shm"] = shm
+                from kvstore.slab_client import SlabClient, SlabRefused
+
+                try:
+                    slab = stack.enter_context(SlabClient(args.url, **options))
+                except SlabRefused as refused:
+                    raise ValueError(f"--shm: the daemon's slab cannot be used ({refused})") from None
+                clients["daemon-slab"] = bench.SlabByValue(slab, clients["daemon"])
             results = bench.bench_daemon(clients, block_sizes, args.blocks, args.batch)
     else:
         if args.shm:
-            raise ValueError("--shm measures the shared-memory path to a daemon: give --url")
+            raise ValueError("--shm measures the slab of a daemon on this host: give --url")
         results = bench.bench_in_process(_load_config(args.config), block_sizes, args.blocks, args.batch)
     if args.baseline:
         results += bench.bench_grpc_baseline(block_sizes, args.blocks, args.batch)
@@ -141,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--baseline", action="store_true",
                        help="also measure raw gRPC streaming of the same bytes on loopback (the daemon's ceiling)")
     bench.add_argument("--shm", action="store_true",
-                       help="with --url: also measure the same-host shared-memory path (mode daemon-shm) beside "
-                            "the gRPC payload path (mode daemon), same tiers and block sizes, same run")
+                       help="with --url: also measure the daemon's same-host slab (mode daemon-slab, the block size "
+                            "equal to its slot_bytes) beside the gRPC payload path (mode daemon), same run")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(run=cmd_bench)
 

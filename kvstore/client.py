@@ -11,10 +11,8 @@ blocks with their checksums, for a caller that computes and checks them itself (
 
 URLs: `grpc://host:port` (plaintext) or `grpcs://host:port` (TLS; `root_certificates` trusts a private CA).
 
-`shm=True` or `"auto"` (auto: only when the URL names a loopback address) moves block bytes through a
-shared-memory segment when the daemon runs on the same host (kvstore/shm_client.py); blocks larger than
-a slot, and every call while the daemon refuses or the session is down, use the payload path.
-The asyncio client has no shared-memory path.
+Engines on the daemon's host do not send block bytes through these clients: they map the daemon's
+slab and lease its slots (kvstore/slab_client.py).
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
 from urllib.parse import urlsplit
 
 import grpc
@@ -34,8 +31,6 @@ from kvstore.auth import bearer_metadata
 from kvstore.checksum import SealedBlock
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.shm_client import ShmTransport, ShmUnavailable, SlotHit, is_local_host
-from kvstore.shm_segment import ShmSegment, SlotLease
 from kvstore.store import LookupResult, TierUsage
 from kvstore.streaming import CHUNK_BYTES, BlockAssembler, block_messages
 
@@ -43,8 +38,6 @@ log = logging.getLogger(__name__)
 
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _MAX_MESSAGE_BYTES = 256 << 20
-SHM_SLOT_BYTES = 8 << 20
-SHM_SLOTS = 16
 
 
 class KVStoreError(RuntimeError):
@@ -87,14 +80,16 @@ class RetryPolicy:
 
 
 def _channel_options() -> list[tuple[str, int]]:
+    # A restarted daemon is reached again within seconds: gRPC's default reconnect backoff grows to
+    # 120 s, and every call fails at once (UNAVAILABLE) until the channel tries again.
     return [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
+            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 5000)]
 
 
-def open_channel(target: Target, root_certificates: bytes | None = None,
-                 options: list[tuple[str, int]] | None = None) -> grpc.Channel:
+def open_channel(target: Target, root_certificates: bytes | None = None) -> grpc.Channel:
     """A sync channel to the daemon (TLS for grpcs://)."""
-    options = _channel_options() + (options or [])
+    options = _channel_options()
     if target.tls:
         creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
         return grpc.secure_channel(target.address, creds, options=options)
@@ -183,9 +178,7 @@ class KVStoreClient:
 
     def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 30.0,
                  retry: RetryPolicy = RetryPolicy(), root_certificates: bytes | None = None,
-                 chunk_bytes: int = CHUNK_BYTES, shm: bool | Literal["auto"] = False,
-                 shm_slot_bytes: int = SHM_SLOT_BYTES, shm_slots: int = SHM_SLOTS,
-                 on_shm_segment: Callable[[ShmSegment], None] | None = None):
+                 chunk_bytes: int = CHUNK_BYTES):
         target = Target.parse(url)
         self.timeout_s = timeout_s
         self._retry = retry
@@ -193,21 +186,6 @@ class KVStoreClient:
         self._chunk_bytes = chunk_bytes
         self._channel = open_channel(target, root_certificates)
         self._stub = pb_grpc.KVStoreStub(self._channel)
-        self._shm: ShmTransport | None = None
-        if shm is True or (shm == "auto" and is_local_host(target.address)):
-            self._shm = ShmTransport(self._stub, self._metadata, timeout_s, shm_slot_bytes, shm_slots, on_shm_segment)
-            if not self._shm.attach():
-                log.info("kvstore: shared memory refused (%s); using the payload path", self._shm.last_error)
-
-    @property
-    def shm(self) -> ShmTransport | None:
-        """The shared-memory path while a session is attached, else None."""
-        return self._shm if self._shm is not None and self._shm.active else None
-
-    @property
-    def shm_error(self) -> str:
-        """Why the shared-memory path is off (the daemon's refusal), or "" while it is on or not asked for."""
-        return "" if self._shm is None or self._shm.active else self._shm.last_error
 
     def lookup(self, namespace: str, keys: list[bytes]) -> LookupResult:
         request = pb.LookupRequest(namespace=namespace, keys=keys)
@@ -223,11 +201,6 @@ class KVStoreClient:
         """Store blocks the caller sealed (`TieredStore.put_sealed`'s contract): their checksums and
         expiries are sent as they are, and the daemon refuses the call (DATA_LOSS) at the first block
         that does not match its bytes, namespace and key."""
-        if self._shm is not None and all(len(block.payload) <= self._shm.slot_bytes for _, block in blocks):
-            try:
-                return self._call("PutShm", lambda t: self._shm.put(namespace, blocks, tiers, ttl_s, t))
-            except ShmUnavailable:
-                pass
 
         def attempt(timeout: float) -> int:
             requests = _put_requests(namespace, blocks, tiers, ttl_s, self._chunk_bytes)
@@ -240,50 +213,6 @@ class KVStoreClient:
 
     def get_sealed(self, namespace: str, keys: list[bytes]) -> list[SealedBlock | None]:
         """Blocks in key order with their stored checksums and expiries, verified here; None = miss."""
-        if self._shm is not None:
-            try:
-                results = self._call("GetShm", lambda t: self._shm.get(namespace, keys, t))
-            except ShmUnavailable:
-                return self._get_blocks(namespace, keys)
-            # Blocks larger than a slot (-1) come by the payload path.
-            large = [i for i, result in enumerate(results) if isinstance(result, int)]
-            if large:
-                for i, block in zip(large, self._get_blocks(namespace, [keys[i] for i in large])):
-                    results[i] = block
-            return results
-        return self._get_blocks(namespace, keys)
-
-    def put_slots(self, namespace: str, lease: SlotLease, blocks: list[tuple[bytes, int]], *,
-                  tiers: list[str] | None = None, ttl_s: float | None = None,
-                  checksums: list[int] | None = None) -> int:
-        """Store blocks the caller wrote into the slots of `lease` (from `client.shm.segment()`):
-        `blocks[j] = (key, length)` lies in slot j. `checksums[j]`, when given, is
-        `block_checksum(slot j's bytes, namespace, key)` with no expiry (the engine computes it on the
-        GPU); without, it is computed here. Raises ShmUnavailable when the session is gone."""
-        if checksums is not None and len(checksums) != len(blocks):
-            raise ValueError(f"checksums: {len(checksums)} values for {len(blocks)} blocks")
-        transport = self._shm_transport()
-        return self._call("PutShm", lambda t: transport.put_slots(namespace, lease, blocks, tiers, ttl_s, t, checksums))
-
-    def get_slots(self, namespace: str, lease: SlotLease, keys: list[bytes]) -> list[int | None]:
-        """Fetch `keys[j]` into slot j of `lease`: per key its verified length, None for a miss, -1 for
-        a block larger than a slot. Raises ShmUnavailable when the session is gone."""
-        transport = self._shm_transport()
-        return self._call("GetShm", lambda t: transport.get_slots(namespace, lease, keys, t))
-
-    def get_slot_hits(self, namespace: str, lease: SlotLease, keys: list[bytes]) -> list[SlotHit | None]:
-        """Like `get_slots` without the check here: per key a `SlotHit` (length, stored checksum and
-        expiry; `too_large` when nothing was written) for a caller that verifies the slot's bytes
-        itself, or None for a miss. Raises ShmUnavailable when the session is gone."""
-        transport = self._shm_transport()
-        return self._call("GetShm", lambda t: transport.get_slot_hits(namespace, lease, keys, t))
-
-    def _shm_transport(self) -> ShmTransport:
-        if self._shm is None:
-            raise ShmUnavailable("this client was made without shm")
-        return self._shm
-
-    def _get_blocks(self, namespace: str, keys: list[bytes]) -> list[SealedBlock | None]:
         request = pb.GetRequest(namespace=namespace, keys=keys)
 
         def attempt(timeout: float) -> list[SealedBlock | None]:
@@ -309,8 +238,6 @@ class KVStoreClient:
         return _health(self._call("Stats", lambda t: self._stub.Stats(pb.StatsRequest(), **self._opts(t))))
 
     def close(self) -> None:
-        if self._shm is not None:
-            self._shm.close()
         self._channel.close()
 
     def __enter__(self) -> "KVStoreClient":

@@ -213,8 +213,7 @@ class StoreConfig(_Strict):
     max_keys_per_call: Annotated[int, Field(ge=1)] = 4096
     max_key_bytes: Annotated[int, Field(ge=1)] = 64
     max_namespace_len: Annotated[int, Field(ge=1)] = 128
-    # Same-host clients may move block bytes through /dev/shm (off when containers do not share it).
-    shm: bool = True
+    # Same-host engines attached to the slab at once (each session holds one RPC thread).
     shm_max_sessions: Annotated[int, Field(ge=0)] = 16
 
     @field_validator("max_message_bytes", mode="before")

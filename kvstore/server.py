@@ -23,7 +23,6 @@ from kvstore.config import StoreConfig
 from kvstore.limits import LimitError, Limits
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.shm_sessions import ShmError, ShmSessions
 from kvstore.slab_sessions import CommitEntry, SlabError, SlabSessions
 from kvstore.store import TieredStore
 from kvstore.streaming import CHUNK_BYTES, BlockAssembler, block_messages
@@ -38,8 +37,8 @@ PUT_FLUSH_BYTES = 64 << 20
 GET_BATCH_KEYS = 16
 DEFAULT_WORKERS = 64
 HEALTH_POLL_S = 1.0
-_SHM_CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "unavailable": grpc.StatusCode.FAILED_PRECONDITION,
-              "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED}
+_SLAB_CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "unavailable": grpc.StatusCode.FAILED_PRECONDITION,
+               "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 def tier_service_name(tier: str) -> str:
@@ -50,12 +49,10 @@ def tier_service_name(tier: str) -> str:
 class KVStoreServicer(pb_grpc.KVStoreServicer):
     """Validates each request against the limits, then calls the store."""
 
-    def __init__(self, store: TieredStore, limits: Limits, tier_names: list[str], shm: ShmSessions,
-                 slab: SlabSessions):
+    def __init__(self, store: TieredStore, limits: Limits, tier_names: list[str], slab: SlabSessions):
         self._store = store
         self._limits = limits
         self._tier_names = tier_names
-        self._shm = shm
         self._slab = slab
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
@@ -154,89 +151,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         tiers = [pb.TierHealth(tier=tier, up=up) for tier, up in self._store.health().items()]
         return pb.StatsResponse(usage=usage, tiers=tiers)
 
-    def AttachShm(self, request: pb.AttachShmRequest, context: grpc.ServicerContext) -> Iterator[pb.ShmSession]:
-        try:
-            session, nonce = self._shm.attach(request.name, request.size)
-        except ShmError as error:
-            _abort(context, _SHM_CODES[error.kind], str(error))
-        try:
-            # The call ends when the client cancels it or its connection dies: the segment goes with it.
-            if context.add_callback(session.ended.set):
-                yield pb.ShmSession(session_id=session.session_id, nonce=nonce)
-                session.ended.wait()
-        finally:
-            self._shm.detach(session.session_id)
-
-    def PutShm(self, request: pb.PutShmRequest, context: grpc.ServicerContext) -> pb.PutResponse:
-        header = request.header
-        try:
-            tiers, ttl_s = self._put_target(header)
-            self._limits.check_block_count(len(request.blocks))
-            session = self._shm.get(request.session_id)
-            for i, block in enumerate(request.blocks):
-                self._limits.check_key(block.key, i)
-                self._limits.check_block_size(block.length, i)
-                self._limits.check_expires_at(block.expires_at or None, i)
-                session.check_span(block.offset, block.length, f"blocks[{i}]")
-            with session.in_use():
-                return pb.PutResponse(stored=self._put_from_segment(session, request, tiers, ttl_s, context))
-        except LimitError as error:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except ShmError as error:
-            _abort(context, _SHM_CODES[error.kind], str(error))
-
-    def _put_from_segment(self, session, request: pb.PutShmRequest, tiers: list[str] | None, ttl_s: float | None,
-                          context: grpc.ServicerContext) -> int:
-        namespace = request.header.namespace
-        batch: list[tuple[bytes, SealedBlock]] = []
-        batch_bytes = stored = 0
-        for i, entry in enumerate(request.blocks):
-            payload = session.read(entry.offset, entry.length, f"blocks[{i}]")
-            block = SealedBlock(payload, entry.checksum, entry.length, entry.expires_at or None)
-            if not block.intact(namespace, entry.key):
-                _abort(context, grpc.StatusCode.DATA_LOSS,
-                       f"blocks[{i}]: checksum mismatch, the segment did not hold the bytes the client declared "
-                       f"for this namespace and key; {stored} earlier blocks were stored")
-            batch.append((entry.key, block))
-            batch_bytes += len(payload)
-            if batch_bytes >= PUT_FLUSH_BYTES:
-                stored += self._store_batch(namespace, batch, tiers, ttl_s, "PutShm")
-                batch, batch_bytes = [], 0
-        return stored + self._store_batch(namespace, batch, tiers, ttl_s, "PutShm")
-
-    def GetShm(self, request: pb.GetShmRequest, context: grpc.ServicerContext) -> pb.GetShmResponse:
-        keys = self._checked(context, request.namespace, [slot.key for slot in request.slots])
-        try:
-            session = self._shm.get(request.session_id)
-            for i, slot in enumerate(request.slots):
-                session.check_span(slot.offset, slot.capacity, f"slots[{i}]")
-            with session.in_use():
-                return pb.GetShmResponse(results=self._get_into_segment(session, request.namespace, keys,
-                                                                        list(request.slots)))
-        except ShmError as error:
-            _abort(context, _SHM_CODES[error.kind], str(error))
-
-    def _get_into_segment(self, session, namespace: str, keys: list[bytes], slots: list) -> list[pb.ShmHit]:
-        results = []
-        for first in range(0, len(keys), GET_BATCH_KEYS):
-            batch = keys[first : first + GET_BATCH_KEYS]
-            for i, block in enumerate(self._store.get_sealed(namespace, batch), start=first):
-                if block is None:
-                    results.append(pb.ShmHit())
-                elif len(block.payload) > slots[i].capacity:
-                    results.append(pb.ShmHit(too_large=True, length=len(block.payload)))
-                else:
-                    session.write(slots[i].offset, block.payload, f"slots[{i}]")
-                    metrics.RPC_BYTES.labels(method="GetShm").inc(len(block.payload))
-                    results.append(pb.ShmHit(hit=True, length=len(block.payload), checksum=block.checksum,
-                                             expires_at=block.expires_at or 0.0))
-        return results
-
     def AttachSlab(self, request: pb.AttachSlabRequest, context: grpc.ServicerContext) -> Iterator[pb.SlabSession]:
         try:
             session = self._slab.attach()
         except SlabError as error:
-            _abort(context, _SHM_CODES[error.kind], str(error))
+            _abort(context, _SLAB_CODES[error.kind], str(error))
         try:
             # The call ends when the client cancels it or its connection dies: its leases go with it.
             if context.add_callback(session.ended.set):
@@ -299,7 +218,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         except LimitError as error:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except SlabError as error:
-            _abort(context, _SHM_CODES[error.kind], str(error))
+            _abort(context, _SLAB_CODES[error.kind], str(error))
 
     def _checked(self, context: grpc.ServicerContext, namespace: str, keys: list[bytes]) -> list[bytes]:
         try:
@@ -321,7 +240,6 @@ class ServerHandle:
     port: int
     host: str
     store: TieredStore
-    shm: ShmSessions
     slab: SlabSessions
     _server: grpc.Server
     _health: health.HealthServicer
@@ -340,8 +258,7 @@ class ServerHandle:
             return
         self._stopping.set()
         self._health.enter_graceful_shutdown()
-        # AttachShm streams last as long as their sessions: end them, or every stop waits out the grace.
-        self.shm.end_all()
+        # AttachSlab streams last as long as their sessions: end them, or every stop waits out the grace.
         self.slab.end_all()
         self._server.stop(grace_s).wait()
         self.slab.close()
@@ -384,12 +301,10 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
                  ("grpc.max_send_message_length", max_message),
                  ("grpc.so_reuseport", 0)],
     )
-    # Each shm session holds one RPC thread (its AttachShm stream): keep half the pool for calls.
-    shm = ShmSessions(cfg.shm, min(cfg.shm_max_sessions, workers // 2))
-    # Each slab session holds one RPC thread (its AttachSlab stream) too.
+    # Each slab session holds one RPC thread (its AttachSlab stream): keep half the pool for calls,
+    # so the health service and every other call always find a thread.
     slab = SlabSessions(store, min(cfg.shm_max_sessions, workers // 2))
-    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, Limits.from_config(cfg), tier_names, shm, slab),
-                                          server)
+    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, Limits.from_config(cfg), tier_names, slab), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 
@@ -404,7 +319,7 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
-    handle = ServerHandle(port=bound, host=host, store=store, shm=shm, slab=slab, _server=server, _health=health_servicer,
+    handle = ServerHandle(port=bound, host=host, store=store, slab=slab, _server=server, _health=health_servicer,
                           _owns_store=owns_store)
     if metrics_port is not None:
         handle._metrics_http = metrics.start_metrics_server(metrics_port, host)

@@ -38,8 +38,6 @@ from kvstore.slab_segment import MappedSegment, SegmentError
 log = logging.getLogger(__name__)
 
 REATTACH_S = 5.0
-# The channel reconnects to a restarted daemon at least this often (gRPC's default backs off to 120 s).
-_RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 5000)]
 
 
 class SlabRefused(RuntimeError):
@@ -76,7 +74,7 @@ class SlabClient:
                  unmapping: Callable[[memoryview], None] | None = None) -> None:
         self.timeout_s = timeout_s
         self._metadata = bearer_metadata(token)
-        self._channel = open_channel(Target.parse(url), root_certificates, _RECONNECT_OPTIONS)
+        self._channel = open_channel(Target.parse(url), root_certificates)
         self._stub = pb_grpc.KVStoreStub(self._channel)
         self._mapped = mapped
         self._unmapping = unmapping

@@ -44,7 +44,7 @@ def _shm_segments() -> set[str]:
 
 @pytest.fixture
 def no_shm_leftovers():
-    """The test leaves /dev/shm as it found it (a daemon unlinks a segment shortly after its session ends)."""
+    """The test leaves /dev/shm as it found it (a daemon unlinks its slab segment when it stops)."""
     before = _shm_segments()
     yield
     deadline = time.monotonic() + 5

@@ -8,9 +8,10 @@
    "policy": {"name": "save_all"}}}
 ```
 No `kvstore_url`: the same tiers run in-process (the embedded store).
-`kvstore_shm` ("auto" | true | false): move block bytes to and from the daemon through shared memory
-when it runs on this host (auto: when `kvstore_url` names a loopback address and the daemon accepts;
-true: always, and a refusal is a start-up error; false: always the gRPC payload path).
+`kvstore_shm` ("auto" | true | false): map the daemon's slab and move block bytes by DMA into its
+slots when it runs on this host (auto: when `kvstore_url` names a loopback address and the slab's
+slots hold one block of this engine; true: always, and a slab that cannot serve the engine is a
+start-up error; false: always the gRPC payload path).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from engine.connector.config import KVTransferConfig
 from engine.connector.embedded_store import EmbeddedStore, check_unreachable
 from engine.connector.metrics import ConnectorMetrics
 from engine.connector.policy import Decision, RequestInfo, check_policy_tiers, load_policy
-from engine.connector.store_backend import open_store
+from engine.connector.store_backend import DaemonStore, open_store
 from engine.connector.jobs import LoadJob, SaveJob
 from engine.connector.slab_transfer import SlabTransfer
 from engine.connector.transfer import BlockTransfer
@@ -74,7 +74,7 @@ class OffloadingConnector:
                               f"{CHUNK_BYTES}-byte checksum chunks; use a larger engine block_size")
         block_bytes = self.pages_per_block * page_bytes
         if offload.kvstore_url:
-            self.store = open_store(offload, block_bytes)
+            self.store = open_store(offload, block_bytes, pin=kv_cache.is_cuda)
         else:
             self.store = EmbeddedStore(offload, block_bytes, offload.max_pending_saves + _LOAD_STAGING_SLOTS,
                                        pin=kv_cache.is_cuda)
@@ -84,7 +84,7 @@ class OffloadingConnector:
         except ConfigError:
             self.store.close()
             raise
-        if offload.kvstore_url:
+        if isinstance(self.store, DaemonStore):   # a remote daemon: blocks as gRPC payloads
             self.transfer = BlockTransfer(kv_cache, self.store, namespace, self.pages_per_block, self.metrics,
                                           offload.max_pending_saves)
         else:

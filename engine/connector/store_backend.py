@@ -1,4 +1,11 @@
-"""The kvstore daemon as the connector's store: lookups on a short deadline, transfers in the background."""
+"""The kvstore daemon as the connector's store: its slab mapped on the same host, else gRPC payloads.
+
+`open_store` picks the path. With a daemon on this host (`kvstore_shm` "auto" and a loopback
+`kvstore_url`, or `kvstore_shm: true`) whose memory tier is a slab of slots of exactly this engine's
+block size, the engine maps the slab and DMAs blocks into the daemon's slots
+(engine/connector/daemon_slab_store.py, moved by `SlabTransfer`). Otherwise blocks travel as gRPC
+payloads (`DaemonStore`, moved by `BlockTransfer`).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +14,17 @@ import os
 from typing import Protocol
 
 from engine.connector.config import OffloadConfig
-from engine.connector.pinned_segments import PinnedSegments
+from engine.connector.daemon_slab_store import DaemonSlabStore
+from kvstore.client import KVStoreClient, RetryPolicy, Target
 from kvstore.config import ConfigError
-from kvstore.shm_client import ShmTransport
-from kvstore.shm_segment import SlotLease
+from kvstore.slab_client import SlabRefused, is_local_host
 from kvstore.store import LookupResult, TierUsage
 
 logger = logging.getLogger(__name__)
 
 
 class BlockStore(Protocol):
-    """What the daemon transfer path needs of a store (`DaemonStore` provides it)."""
+    """What the payload transfer path needs of a store (`DaemonStore` provides it)."""
 
     def lookup(self, namespace: str, keys: list[bytes]) -> LookupResult: ...
     def get(self, namespace: str, keys: list[bytes]) -> list[bytes | None]: ...
@@ -29,9 +36,6 @@ class BlockStore(Protocol):
 
 
 _KEY = "kv_transfer_config.kv_connector_extra_config"
-# Shared-memory slots for loads, beyond the `max_pending_saves` slots that stage saves: a load of
-# up to this many blocks lands in the segment and is copied from there into its pages.
-SHM_LOAD_SLOTS = 32
 
 
 class DaemonStore:
@@ -39,32 +43,9 @@ class DaemonStore:
     get a short deadline and no retries, so a hung daemon costs one `lookup_timeout_s`; loads and
     saves run in background threads and get the long deadline and the client's retries."""
 
-    def __init__(self, url: str, token: str | None, lookup_timeout_s: float, transfer_timeout_s: float,
-                 shm: bool | str = False, shm_slot_bytes: int = 0, shm_slots: int = 0) -> None:
-        from kvstore.client import KVStoreClient, RetryPolicy
-
+    def __init__(self, url: str, token: str | None, lookup_timeout_s: float, transfer_timeout_s: float) -> None:
         self._lookups = KVStoreClient(url, token=token, timeout_s=lookup_timeout_s, retry=RetryPolicy(attempts=1))
-        self._pinned = PinnedSegments()
-        self._transfers = KVStoreClient(url, token=token, timeout_s=transfer_timeout_s,
-                                        shm=shm if shm_slot_bytes > 0 and shm_slots > 0 else False,
-                                        shm_slot_bytes=max(1, shm_slot_bytes), shm_slots=max(1, shm_slots),
-                                        on_shm_segment=self._pinned.register)
-
-    @property
-    def shm(self) -> ShmTransport | None:
-        """The shared-memory path to the daemon while attached (same host), else None."""
-        return self._transfers.shm
-
-    @property
-    def shm_error(self) -> str:
-        return self._transfers.shm_error
-
-    def put_slots(self, namespace: str, lease: SlotLease, blocks: list[tuple[bytes, int]], *,
-                  tiers: list[str] | None = None, ttl_s: float | None = None) -> int:
-        return self._transfers.put_slots(namespace, lease, blocks, tiers=tiers, ttl_s=ttl_s)
-
-    def get_slots(self, namespace: str, lease: SlotLease, keys: list[bytes]) -> list[int | None]:
-        return self._transfers.get_slots(namespace, lease, keys)
+        self._transfers = KVStoreClient(url, token=token, timeout_s=transfer_timeout_s)
 
     def lookup(self, namespace: str, keys: list[bytes]) -> LookupResult:
         return self._lookups.lookup(namespace, keys)
@@ -84,17 +65,12 @@ class DaemonStore:
 
     def close(self) -> None:
         self._lookups.close()
-        self._pinned.close()   # unregister while the segment is still mapped
         self._transfers.close()
 
 
-def open_store(cfg: OffloadConfig, block_bytes: int = 0) -> DaemonStore:
-    """Connect to the kvstore daemon named by `kvstore_url`; a daemon that does not answer is a
-    start-up error.
-
-    With `kvstore_shm` on, a shared-memory segment of `block_bytes` slots stages the transfers
-    (`max_pending_saves` for saves plus SHM_LOAD_SLOTS for loads).
-    """
+def open_store(cfg: OffloadConfig, block_bytes: int, pin: bool) -> DaemonStore | DaemonSlabStore:
+    """Connect to the kvstore daemon named by `kvstore_url` (a daemon that does not answer is a
+    start-up error), through its slab when it is on this host and its slots hold one block each."""
     ignored = [key for key in ("cpu_bytes_to_use", "secondary_tiers") if key in cfg.model_fields_set]
     if ignored:
         logger.warning("%s: %s ignored: with kvstore_url the daemon's own config sets its tiers",
@@ -102,20 +78,30 @@ def open_store(cfg: OffloadConfig, block_bytes: int = 0) -> DaemonStore:
     token = cfg.auth_token.get_secret_value() if cfg.auth_token else None
     if token is None and cfg.auth_token_env:
         token = os.environ.get(cfg.auth_token_env)
-    store = DaemonStore(cfg.kvstore_url, token, cfg.lookup_timeout_s, cfg.load_timeout_s, cfg.kvstore_shm,
-                        block_bytes, cfg.max_pending_saves + SHM_LOAD_SLOTS)
+    store = DaemonStore(cfg.kvstore_url, token, cfg.lookup_timeout_s, cfg.load_timeout_s)
     try:
         health = store.health()
     except Exception as e:
         store.close()
         raise ConfigError(f"{_KEY}.kvstore_url: cannot reach the kvstore daemon ({e})") from None
-    if cfg.kvstore_shm is True and block_bytes and store.shm is None:
-        store.close()
-        raise ConfigError(f"{_KEY}.kvstore_shm: the daemon refused shared memory ({store.shm_error}); "
-                          f'set it to "auto" or false to use the gRPC payload path')
     down = [name for name, up in health.items() if not up]
     if down:
         logger.warning("kvstore daemon reports tier(s) down: %s; it keeps serving from the others", down)
-    logger.info("offloading to the kvstore daemon at %s (tiers %s, %s)", cfg.kvstore_url, list(health),
-                "shared memory" if store.shm is not None else "gRPC payloads")
+    same_host = is_local_host(Target.parse(cfg.kvstore_url).address)
+    if cfg.kvstore_shm is True or (cfg.kvstore_shm == "auto" and same_host):
+        try:
+            slab_store = DaemonSlabStore.connect(cfg.kvstore_url, token, block_bytes, pin, list(health),
+                                                 cfg.lookup_timeout_s, cfg.load_timeout_s)
+        except SlabRefused as refused:
+            if cfg.kvstore_shm is True:
+                store.close()
+                raise ConfigError(f"{_KEY}.kvstore_shm: the daemon's slab cannot be used ({refused}); set it to "
+                                  f'"auto" or false to use the gRPC payload path') from None
+            logger.info("kvstore daemon's slab not used (%s); blocks travel as gRPC payloads", refused)
+        else:
+            store.close()
+            logger.info("offloading to the kvstore daemon at %s through its slab (tiers %s)", cfg.kvstore_url,
+                        list(health))
+            return slab_store
+    logger.info("offloading to the kvstore daemon at %s (tiers %s, gRPC payloads)", cfg.kvstore_url, list(health))
     return store

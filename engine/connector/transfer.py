@@ -1,4 +1,4 @@
-"""The worker side of offloading: moves KV pages between the paged cache and the store.
+"""The worker side of offloading through a remote kvstore daemon: KV pages to and from gRPC payloads.
 
 Save: one gather packs the pages of every block completed this step into a staging buffer, an
 async device-to-host copy on a side stream lands it in pinned host memory, and a background
@@ -12,12 +12,8 @@ then copies them into their pages with one scatter at the start of a step, so th
 before the forward that reads them (on a GPU: the same stream) and no page is written while a
 forward could be reading it.
 
-Same-host daemon (a shared-memory session, kvstore/shm_client.py): the host memory is the shared
-segment itself (registered as pinned on a GPU, engine/connector/pinned_segments.py). A save leases a
-run of slots, the D2H copy lands in them and only handles go to the daemon; a load leases slots, the
-daemon writes the blocks there and the H2D copy reads them in place. A lease is given back when the
-daemon answered (save) or the copy out of it finished (load), so neither side touches a slot the
-other is using. When no session is attached, the pinned ring and the payload path above are used.
+A daemon on the engine's host is not reached this way when its memory tier is a slab: the engine
+maps the slab and `SlabTransfer` DMAs blocks into its slots (engine/connector/daemon_slab_store.py).
 """
 
 from __future__ import annotations
@@ -35,15 +31,13 @@ import torch
 
 from engine.connector.jobs import LoadJob, LoadResult, SaveJob
 from engine.connector.metrics import ConnectorMetrics
-from engine.connector.store_backend import SHM_LOAD_SLOTS, BlockStore
+from engine.connector.store_backend import BlockStore
 from kernels import gather_blocks, scatter_blocks
-from kvstore.shm_client import ShmUnavailable
-from kvstore.shm_segment import ShmSegment, SlotLease
 
 logger = logging.getLogger(__name__)
 
-# How long a load waits for free shared-memory slots before it copies through the payload path.
-_LOAD_LEASE_WAIT_S = 1.0
+# How long a CPU load waits for a reused staging buffer before it takes a fresh one.
+_LOAD_BUFFER_WAIT_S = 1.0
 # CPU loads stage through reused host buffers: torch's CPU allocator gives blocks this large back to
 # the OS, so a fresh staging tensor page-faults on every load (measured: copying 15 blocks, 177 MB, into
 # a fresh tensor 242 ms, into a reused one 25 ms). Two let one load be fetched while another is copied
@@ -81,7 +75,6 @@ class BlockTransfer:
         for i in range(max_pending_saves):
             self._free_slots.put(i)
         self._slots: torch.Tensor | None = None   # the pinned ring, allocated on first use
-        self._copies_out: queue.Queue[tuple[object, SlotLease]] = queue.Queue()   # loads' H2D still reading a lease
         self._saves: queue.Queue = queue.Queue()
         self._loads: queue.Queue = queue.Queue()
         self._loaded: queue.Queue = queue.Queue()
@@ -96,30 +89,14 @@ class BlockTransfer:
 
     def _ring(self) -> torch.Tensor:
         # One pinned block per slot, so each D2H copy runs at full PCIe speed into memory we own.
-        # Allocated on first use: with a shared-memory session the segment is the staging memory.
+        # Allocated on first use (CUDA only: the CPU path sends the gathered tensor itself).
         if self._slots is None:
             self._slots = torch.empty((self._num_slots, self.block_bytes), dtype=torch.uint8, pin_memory=True)
         return self._slots
 
-    def _segment(self) -> ShmSegment | None:
-        """The shared-memory segment if a session is attached and its slots hold one block each."""
-        transport = getattr(self.store, "shm", None)
-        segment = transport.current_segment if transport is not None else None
-        return segment if segment is not None and segment.slot_bytes == self.block_bytes else None
-
-    def _rows(self, lease: SlotLease) -> torch.Tensor:
-        """The lease's slots as a [count, block_bytes] uint8 tensor over the shared memory."""
-        offset, nbytes = lease.span
-        return torch.frombuffer(lease.segment.buffer, dtype=torch.uint8, count=nbytes,
-                                offset=offset).view(lease.count, self.block_bytes)
-
     # --- save -----------------------------------------------------------------------------------
     def save(self, jobs: list[SaveJob]) -> None:
         """Stage the blocks of `jobs` for the store without waiting for it; called after a step."""
-        segment = self._segment()
-        if segment is not None:
-            self._save_through(segment, jobs)
-            return
         staged: list[tuple[SaveJob, list[int]]] = []
         dropped = 0
         for job in jobs:
@@ -156,50 +133,6 @@ class BlockTransfer:
             payload = gather_blocks(self.kv_cache, ids).view(len(slot_ids), -1).view(torch.uint8)
             rows = list(range(len(slot_ids)))
         self._saves.put(partial(self._send, staged, slot_ids, payload, rows, event))
-
-    def _save_through(self, segment: ShmSegment, jobs: list[SaveJob]) -> None:
-        """Gather the blocks straight into a run of shared-memory slots; the sender sends handles."""
-        wanted = sum(len(job.keys) for job in jobs)
-        lease = next((lease for count in range(min(wanted, segment.num_slots), 0, -1)
-                      if (lease := segment.acquire(count, timeout=0)) is not None), None)
-        room = lease.count if lease is not None else 0
-        staged: list[tuple[SaveJob, int]] = []
-        taken = 0
-        for job in jobs:
-            n = min(len(job.keys), room - taken)
-            if n <= 0:
-                break
-            staged.append((SaveJob(job.keys[:n], job.page_ids[:n * self.pages_per_block], job.tiers, job.ttl_s), taken))
-            taken += n
-        self.metrics.inc(self.metrics.dropped_saves, wanted - taken)
-        if not staged:
-            return
-        ids = torch.tensor([p for job, _ in staged for p in job.page_ids], dtype=torch.int64, device=self.kv_cache.device)
-        packed = gather_blocks(self.kv_cache, ids).view(taken, -1).view(torch.uint8)
-        rows = self._rows(lease)[:taken]
-        event = None
-        if self.cuda:
-            self._side_stream.wait_stream(torch.cuda.current_stream(self.kv_cache.device))
-            with torch.cuda.stream(self._side_stream):
-                rows.copy_(packed, non_blocking=True)   # one D2H copy into the pinned segment
-                event = torch.cuda.Event()
-                event.record(self._side_stream)
-            packed.record_stream(self._side_stream)
-        else:
-            rows.copy_(packed)
-        self._saves.put(partial(self._send_handles, staged, lease, event))
-
-    def _send_handles(self, staged: list[tuple[SaveJob, int]], lease: SlotLease, event) -> None:
-        if event is not None:
-            event.synchronize()
-        try:
-            for job, first in staged:
-                part = lease.part(first, len(job.keys))
-                blocks = [(key, self.block_bytes) for key in job.keys]
-                self._store_blocks(len(blocks), lambda: self.store.put_slots(self.namespace, part, blocks,
-                                                                             tiers=job.tiers, ttl_s=job.ttl_s))
-        finally:
-            lease.release()
 
     def _send_loop(self) -> None:
         while True:
@@ -267,47 +200,11 @@ class BlockTransfer:
             job = self._loads.get()
             if job is None:
                 return
-            self._reclaim_copied_leases()
-            segment = self._segment()
-            if segment is not None and len(job.keys) <= SHM_LOAD_SLOTS:
-                lease = segment.acquire(len(job.keys), timeout=_LOAD_LEASE_WAIT_S)
-                if lease is not None:
-                    try:
-                        self._loaded.put((job, *self._fetch_into(job, lease)))
-                        continue
-                    except ShmUnavailable:
-                        lease.release()   # the session ended: copy through the payload path
             self._loaded.put((job, *self._fetch_copy(job)))
 
-    def _fetch_into(self, job: LoadJob, lease: SlotLease) -> tuple[torch.Tensor | None, SlotLease | None]:
-        """The daemon writes the blocks into the lease; the leading intact ones, in place."""
-        try:
-            lengths = self.store.get_slots(self.namespace, lease, job.keys)
-        except ShmUnavailable:
-            raise
-        except Exception as e:  # noqa: BLE001 - a failed load is recomputed
-            self.metrics.inc(self.metrics.store_errors, op="get")
-            logger.warning("loading %d block(s) for %s failed: %s", len(job.keys), job.request_id, e)
-            lengths = []
-        intact = next((i for i, n in enumerate(lengths) if n != self.block_bytes), len(lengths))
-        if intact == 0:
-            lease.release()
-            return None, None
-        return self._rows(lease)[:intact], lease
-
-    def _reclaim_copied_leases(self) -> None:
-        """Give back the load leases whose host-to-device copies have finished (GPU only)."""
-        while True:
-            try:
-                event, lease = self._copies_out.get_nowait()
-            except queue.Empty:
-                return
-            event.synchronize()
-            lease.release()
-
     def _fetch_copy(self, job: LoadJob) -> tuple[torch.Tensor | None, _StagingLease | None]:
-        """The blocks by value (payload path), copied into host memory: fresh pinned memory on CUDA,
-        a reused buffer on CPU (with the lease that gives it back)."""
+        """The blocks, copied into host memory: fresh pinned memory on CUDA, a reused buffer on CPU
+        (with the lease that gives it back)."""
         try:
             payloads = self.store.get(self.namespace, job.keys)
         except Exception as e:  # noqa: BLE001 - a failed load is recomputed
@@ -332,7 +229,7 @@ class BlockTransfer:
         """Host rows for `n` blocks; on CPU a pooled buffer unless both are still being copied out."""
         nbytes = n * self.block_bytes
         try:
-            buffer = None if self.cuda else self._load_buffers.get(timeout=_LOAD_LEASE_WAIT_S)
+            buffer = None if self.cuda else self._load_buffers.get(timeout=_LOAD_BUFFER_WAIT_S)
         except queue.Empty:
             buffer = None
         if buffer is None:
@@ -372,19 +269,9 @@ class BlockTransfer:
                     scatter_blocks(self.kv_cache, pages, src.to(self.kv_cache.device, non_blocking=True))
                 self.metrics.inc(self.metrics.bytes_loaded, n * self.block_bytes)
             if lease is not None:
-                self._give_back_after_copy(lease)
+                lease.release()   # the CPU scatter is synchronous: the buffer is free again
             self.metrics.observe(self.metrics.load_seconds, time.perf_counter() - job.started)
             results.append(LoadResult(job.request_id, n))
-
-    def _give_back_after_copy(self, lease: SlotLease | _StagingLease) -> None:
-        """A load lease is free once the copy out of it is done: at once on CPU (the scatter is
-        synchronous); on a GPU when the H2D copy finishes, which the fetcher checks off the step's path."""
-        if not self.cuda:
-            lease.release()
-            return
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.kv_cache.device))
-        self._copies_out.put((event, lease))
 
     def close(self, drain_timeout: float = 10.0) -> None:
         """Send the saves already staged (up to `drain_timeout` s), then stop both threads."""

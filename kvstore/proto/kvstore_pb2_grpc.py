@@ -64,21 +64,6 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_proto_dot_kvstore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.StatsResponse.FromString,
                 _registered_method=True)
-        self.AttachShm = channel.unary_stream(
-                '/tierkv.kvstore.v1.KVStore/AttachShm',
-                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.AttachShmRequest.SerializeToString,
-                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.ShmSession.FromString,
-                _registered_method=True)
-        self.PutShm = channel.unary_unary(
-                '/tierkv.kvstore.v1.KVStore/PutShm',
-                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.PutShmRequest.SerializeToString,
-                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.PutResponse.FromString,
-                _registered_method=True)
-        self.GetShm = channel.unary_unary(
-                '/tierkv.kvstore.v1.KVStore/GetShm',
-                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.GetShmRequest.SerializeToString,
-                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.GetShmResponse.FromString,
-                _registered_method=True)
         self.AttachSlab = channel.unary_stream(
                 '/tierkv.kvstore.v1.KVStore/AttachSlab',
                 request_serializer=kvstore_dot_proto_dot_kvstore__pb2.AttachSlabRequest.SerializeToString,
@@ -145,34 +130,6 @@ class KVStoreServicer:
 
     def Stats(self, request, context):
         """Per namespace and tier: blocks and bytes held; per tier: up or down.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def AttachShm(self, request, context):
-        """Same-host fast path: block bytes move through a shared-memory segment the client created
-        under /dev/shm, and only handles (offset, length, checksum) travel over gRPC.
-        Server streaming: the first message names the session; the stream then stays open for the
-        session's life, and the daemon closes the segment when the call ends (the client cancels it,
-        the connection dies, or the daemon stops). FAILED_PRECONDITION when the daemon has `shm: false`
-        or cannot open the segment (it does not share /dev/shm with the client).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def PutShm(self, request, context):
-        """Put by handle: the daemon copies each block out of the segment, verifies its checksum
-        (DATA_LOSS on mismatch) and stores it. Handles outside the segment are INVALID_ARGUMENT.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def GetShm(self, request, context):
-        """Get by handle: the daemon writes each hit into the slot the client named and returns its
-        length, checksum and expiry; the client verifies it (a mismatch is a miss).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -251,21 +208,6 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.StatsRequest.FromString,
                     response_serializer=kvstore_dot_proto_dot_kvstore__pb2.StatsResponse.SerializeToString,
-            ),
-            'AttachShm': grpc.unary_stream_rpc_method_handler(
-                    servicer.AttachShm,
-                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.AttachShmRequest.FromString,
-                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.ShmSession.SerializeToString,
-            ),
-            'PutShm': grpc.unary_unary_rpc_method_handler(
-                    servicer.PutShm,
-                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.PutShmRequest.FromString,
-                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.PutResponse.SerializeToString,
-            ),
-            'GetShm': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetShm,
-                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.GetShmRequest.FromString,
-                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.GetShmResponse.SerializeToString,
             ),
             'AttachSlab': grpc.unary_stream_rpc_method_handler(
                     servicer.AttachSlab,
@@ -455,87 +397,6 @@ class KVStore:
             '/tierkv.kvstore.v1.KVStore/Stats',
             kvstore_dot_proto_dot_kvstore__pb2.StatsRequest.SerializeToString,
             kvstore_dot_proto_dot_kvstore__pb2.StatsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def AttachShm(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/tierkv.kvstore.v1.KVStore/AttachShm',
-            kvstore_dot_proto_dot_kvstore__pb2.AttachShmRequest.SerializeToString,
-            kvstore_dot_proto_dot_kvstore__pb2.ShmSession.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def PutShm(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/tierkv.kvstore.v1.KVStore/PutShm',
-            kvstore_dot_proto_dot_kvstore__pb2.PutShmRequest.SerializeToString,
-            kvstore_dot_proto_dot_kvstore__pb2.PutResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetShm(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/tierkv.kvstore.v1.KVStore/GetShm',
-            kvstore_dot_proto_dot_kvstore__pb2.GetShmRequest.SerializeToString,
-            kvstore_dot_proto_dot_kvstore__pb2.GetShmResponse.FromString,
             options,
             channel_credentials,
             insecure,

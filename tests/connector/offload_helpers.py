@@ -66,9 +66,10 @@ def run_engine_process(model: str, cfg: dict, prompts: list[list[int]], *, num_g
 
 
 @contextlib.contextmanager
-def daemon_process(config: dict | None = None, tmp_path: Path | None = None):
-    """`kvstore serve` as a real process on a free port; yields (url, process)."""
-    args = [sys.executable, "-m", "kvstore.cli", "--log-level", "WARNING", "serve", "--port", "0", "--grace", "0"]
+def daemon_process(config: dict | None = None, tmp_path: Path | None = None, port: int = 0):
+    """`kvstore serve` as a real process (on `port`, 0 = a free one); yields (url, process). Stopped
+    with SIGTERM, so it removes its slab segment from /dev/shm."""
+    args = [sys.executable, "-m", "kvstore.cli", "--log-level", "WARNING", "serve", "--port", str(port), "--grace", "0"]
     if config is not None:
         path = Path(tmp_path) / "kvstore.json"
         path.write_text(json.dumps(config))
@@ -81,8 +82,12 @@ def daemon_process(config: dict | None = None, tmp_path: Path | None = None):
             raise AssertionError(f"kvstore serve did not start: {line}{proc.stderr.read()}")
         yield f"grpc://127.0.0.1:{line.rsplit(':', 1)[1].strip()}", proc
     finally:
-        proc.kill()
-        proc.wait(timeout=10)
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @contextlib.contextmanager

@@ -14,23 +14,14 @@ from kvstore.checksum import SealedBlock, block_checksum
 from kvstore.client import KVStoreClient, KVStoreError, RetryPolicy
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.shm_client import SlotHit
 from service_daemon import NS, key, payload, running_daemon
 
 OTHER_NS = "ns-other"
-SLOT = 1 << 20
 ONCE = RetryPolicy(attempts=1)
 
-pytestmark = pytest.mark.usefixtures("no_shm_leftovers")
 
-
-def _client(url: str, shm: bool) -> KVStoreClient:
-    return KVStoreClient(url, retry=ONCE, shm=shm, shm_slot_bytes=SLOT, shm_slots=4)
-
-
-@pytest.mark.parametrize("shm", [False, True], ids=["payload path", "shm path"])
 @pytest.mark.parametrize("tier", ["redis", "obj"])
-def test_values_copied_to_another_key_or_namespace_are_misses_and_deleted(tier, shm, redis_url, s3_bucket):
+def test_values_copied_to_another_key_or_namespace_are_misses_and_deleted(tier, redis_url, s3_bucket):
     endpoint, bucket = s3_bucket
     prefix = f"copy-{uuid.uuid4().hex[:8]}"
     if tier == "redis":
@@ -46,8 +37,7 @@ def test_values_copied_to_another_key_or_namespace_are_misses_and_deleted(tier, 
         copy = lambda src, dst: raw.copy_object(Bucket=bucket, Key=dst,                 # noqa: E731
                                                 CopySource={"Bucket": bucket, "Key": src})
         exists = lambda n: raw.list_objects_v2(Bucket=bucket, Prefix=n).get("KeyCount", 0) == 1  # noqa: E731
-    with running_daemon([config]) as (_, url), _client(url, shm) as client:
-        assert (client.shm is not None) == shm
+    with running_daemon([config]) as (_, url), KVStoreClient(url, retry=ONCE) as client:
         assert client.put(NS, [(key(1), payload(1, 50_000))], ttl_s=600) == 1
         for namespace, k in [(NS, key(2)), (OTHER_NS, key(1))]:
             copy(name(NS, key(1)), name(namespace, k))
@@ -73,10 +63,9 @@ def test_a_block_expiry_no_tier_can_hold_is_invalid_argument():
         channel.close()
 
 
-@pytest.mark.parametrize("shm", [False, True], ids=["payload path", "shm path"])
-def test_sealed_blocks_keep_the_callers_checksum_from_client_to_tier_and_back(shm):
+def test_sealed_blocks_keep_the_callers_checksum_from_client_to_tier_and_back():
     data = payload(3, 100_000)
-    with running_daemon() as (handle, url), _client(url, shm) as client:
+    with running_daemon() as (handle, url), KVStoreClient(url, retry=ONCE) as client:
         mine = SealedBlock.seal(data, NS, key(1), checksum=block_checksum(data, NS, key(1)))
         expires_at = time.time() + 900
         own_expiry = SealedBlock.seal(data, NS, key(2), expires_at)
@@ -95,25 +84,3 @@ def test_sealed_blocks_keep_the_callers_checksum_from_client_to_tier_and_back(sh
         assert info.value.details.startswith("blocks[0]: checksum mismatch")
         assert client.lookup(NS, [key(4)]).num_hits == 0
 
-
-def test_slots_with_checksums_from_the_caller_and_unverified_hits():
-    blocks = [(key(i), payload(i, 1000 + i)) for i in range(3)]
-    with running_daemon() as (handle, url), _client(url, True) as client:
-        segment = client.shm.segment()
-        with segment.acquire(3, timeout=5) as lease:
-            for j, (_, data) in enumerate(blocks):
-                lease.view(j, len(data))[:] = data
-            sums = [block_checksum(data, NS, k) for k, data in blocks]
-            entries = [(k, len(data)) for k, data in blocks]
-            with pytest.raises(KVStoreError) as info:
-                client.put_slots(NS, lease, entries, checksums=[sums[0], sums[1] ^ 1, sums[2]])
-            assert info.value.code == grpc.StatusCode.DATA_LOSS
-            assert info.value.details.startswith("blocks[1]: checksum mismatch")
-            assert client.put_slots(NS, lease, entries, checksums=sums) == 3
-            assert [b.checksum for b in handle.store.get_sealed(NS, [k for k, _ in blocks])] == sums
-        with segment.acquire(3, timeout=5) as lease:
-            hits = client.get_slot_hits(NS, lease, [key(2), key(9), key(0)])
-            assert hits == [SlotHit(len(blocks[2][1]), sums[2], None), None, SlotHit(len(blocks[0][1]), sums[0], None)]
-            assert bytes(lease.view(0, hits[0].length)) == blocks[2][1]
-            assert hits[0].intact(lease.view(0, hits[0].length), NS, key(2))
-            assert not hits[0].intact(lease.view(0, hits[0].length), NS, key(0))

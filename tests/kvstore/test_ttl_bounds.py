@@ -9,12 +9,14 @@ import pytest
 
 from kvstore.client import KVStoreClient, KVStoreError, RetryPolicy
 from kvstore.config import ConfigError, parse_tiers
+from kvstore.slab_client import SlabClient
 from kvstore.store import TieredStore
 from service_daemon import NS, key, running_daemon
 
 TEN_YEARS = 10 * 365 * 86400.0
 BAD_TTLS = [math.inf, -math.inf, math.nan, 1e300, TEN_YEARS + 1, 0.0, -1.0]
 MESSAGE = "ttl_s: must be a positive number of seconds, at most 315360000 (10 years)"
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 def _redis_tier(redis_url: str) -> dict:
@@ -33,19 +35,19 @@ def test_store_put_refuses_the_ttl_and_redis_stays_up(redis_url, ttl_s):
 
 
 @pytest.mark.parametrize("ttl_s", BAD_TTLS)
-def test_daemon_put_and_put_shm_refuse_the_ttl_and_redis_stays_up(redis_url, ttl_s, no_shm_leftovers):
-    with running_daemon([_redis_tier(redis_url)]) as (_, url):
-        for shm in (False, True):   # Put, then PutShm
-            with KVStoreClient(url, retry=RetryPolicy(attempts=1), shm=shm, shm_slot_bytes=1 << 16) as client:
-                with pytest.raises(KVStoreError) as info:
-                    client.put(NS, [(key(1), b"v")], ttl_s=ttl_s)
-                assert (info.value.method, info.value.code) == ("PutShm" if shm else "Put",
-                                                                grpc.StatusCode.INVALID_ARGUMENT)
-                assert info.value.details == MESSAGE
-        with KVStoreClient(url) as client:
-            assert client.health() == {"redis": True}
-            assert client.put(NS, [(key(1), b"v")], ttl_s=TEN_YEARS) == 1
-            assert client.get(NS, [key(1)]) == [b"v"]
+def test_daemon_put_and_commit_slots_refuse_the_ttl_and_redis_stays_up(redis_url, ttl_s, no_shm_leftovers):
+    slab = {"type": "memory", "bytes": 1 << 20, "slot_bytes": 1 << 16}
+    with running_daemon([slab, _redis_tier(redis_url)]) as (_, url), \
+            KVStoreClient(url, retry=RetryPolicy(attempts=1)) as client, SlabClient(url) as slab_client:
+        with pytest.raises(KVStoreError) as info:
+            client.put(NS, [(key(1), b"v")], tiers=["redis"], ttl_s=ttl_s)
+        assert (info.value.method, info.value.code, info.value.details) == ("Put", INVALID, MESSAGE)
+        with pytest.raises(KVStoreError) as info:
+            slab_client.commit(NS, [key(1)], slab_client.allocate(1), [0], [None], tiers=["redis"], ttl_s=ttl_s)
+        assert (info.value.method, info.value.code, info.value.details) == ("CommitSlots", INVALID, MESSAGE)
+        assert client.health() == {"memory": True, "redis": True}
+        assert client.put(NS, [(key(1), b"v")], tiers=["redis"], ttl_s=TEN_YEARS) == 1
+        assert client.get(NS, [key(1)]) == [b"v"]
 
 
 @pytest.mark.parametrize("tier_type", ["memory", "redis", "obj"])
