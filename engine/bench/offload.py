@@ -131,6 +131,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated prompt lengths of the TTFT rows (each below the model's max positions)")
     p.add_argument("--offload-block-size", type=int, default=256, help="tokens per offloaded block")
     p.add_argument("--cpu-bytes", default="4GiB", help="memory tier budget (must hold the longest prompt)")
+    p.add_argument("--kvstore-url", help="measure the memory tier of a kvstore daemon at this URL (grpc://host:port) "
+                                         "instead of an embedded store; on this host, through its slab")
     p.add_argument("--max-pending-saves", type=int, default=None,
                    help="staged save blocks (default: enough for the longest prompt and the decodes)")
     p.add_argument("--redis-url", help="measure a Redis tier at this URL")
@@ -201,10 +203,11 @@ def run(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         path, raw_config, random_weights = stack.enter_context(common.model_source(args))
         _check_args(args, device, raw_config)
-        tiers = _secondary_tiers(args, stack)
+        tiers = [] if args.kvstore_url else _secondary_tiers(args, stack)
         llm = _engine(args, path, random_weights, dtype, tiers)
         stack.callback(common.close_engine, llm)
-        _check_memory_tier(llm, args)
+        if not args.kvstore_url:
+            _check_memory_tier(llm, args)
         rng = random.Random(args.seed)
         names = ["memory"] + [t["type"] for t in tiers]
         _warm_up(llm, args, names, rng)
@@ -242,10 +245,11 @@ def _max_pending_saves(args: argparse.Namespace) -> int:
 def _engine(args: argparse.Namespace, path: str, random_weights: bool, dtype: str, secondary_tiers: list[dict]):
     from engine.llm import LLM
 
+    store = ({"kvstore_url": args.kvstore_url} if args.kvstore_url
+             else {"cpu_bytes_to_use": args.cpu_bytes, "secondary_tiers": secondary_tiers})
     cfg = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
            "kv_connector_extra_config": {
-               "block_size": args.offload_block_size, "cpu_bytes_to_use": args.cpu_bytes,
-               "secondary_tiers": secondary_tiers, "max_pending_saves": _max_pending_saves(args),
+               "block_size": args.offload_block_size, **store, "max_pending_saves": _max_pending_saves(args),
                "policy": {"class": "engine.bench.offload:TiersFromMetadata"}}}
     _phase(f"engine: {common.model_label(args)}, {dtype}, max_model_len {_max_model_len(args)}")
     return LLM(**common.engine_kwargs(args, path, random_weights, dtype, _max_model_len(args)),

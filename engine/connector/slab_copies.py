@@ -13,8 +13,9 @@ into the pages on the load's stream, then the checksums over the destination pag
 Transfers go one block at a time (~0.6 ms each) because the GPU's copy engines serve them in
 order: a 1.75 GiB load enqueued at once held every decode step's own small copies behind it
 (decode ITL p99 2.97 -> 23 ms with a 16k-token load in flight on an H200), and saves enqueued at
-once added 4 ms to the decode steps they overlapped. On CPU the same moves are one
-`index_select`/`index_copy_` per block, synchronously.
+once added 4 ms to the decode steps they overlapped. On CPU the moves are plain `copy_`s of runs
+of consecutive pages, synchronously (`index_select`/`index_copy_` over rows of bytes ran at 0.1-0.5
+GB/s there), and the checksums are taken over the slots, where the bytes are contiguous.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ from dataclasses import dataclass
 import torch
 
 import kernels
+
+def page_runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """(first index, first id, count) of each run of consecutive ids."""
+    runs: list[tuple[int, int, int]] = []
+    for i, page in enumerate(ids):
+        if runs and runs[-1][1] + runs[-1][2] == page:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((i, page, 1))
+    return runs
+
 
 # Device staging of saves in flight, at most: beyond it a save is dropped (and counted), never waited for.
 MAX_SAVE_STAGING_BYTES = 4 << 30
@@ -69,6 +81,12 @@ class SlabCopies:
         """Block rows of bytes as the cache's pages: [n * ppb, L, 2, page tokens, Hk, D]."""
         return rows.view(self.kv_cache.dtype).view(-1, *self.kv_cache.shape[1:])
 
+    def _slot_checksums(self, slots: list[int]) -> torch.Tensor:
+        """Data checksums of whole slots, read in place (CPU)."""
+        sums = [kernels.block_checksums(self.slab_rows[first:first + count], None, 1)
+                for _, first, count in page_runs(slots)]
+        return torch.cat(sums)
+
     def _block_pages(self, slot: int) -> torch.Tensor:
         return self.slab_rows[slot].view(self.ppb, self.page_bytes)
 
@@ -82,12 +100,14 @@ class SlabCopies:
     def gather(self, page_ids: list[int], slots: list[int]) -> GatheredSave:
         """Take the blocks made of `page_ids` (for `slots`) off the pages, with their data checksums
         (engine thread; on CPU straight into the slots)."""
-        ids = self.device_ids(page_ids)
-        sums = kernels.block_checksums(self.kv_cache, ids, self.ppb)
         if not self.cuda:
             for i, slot in enumerate(slots):
-                torch.index_select(self.kv_pages, 0, ids[i * self.ppb:(i + 1) * self.ppb], out=self._block_pages(slot))
-            return GatheredSave(slots, sums)
+                dst = self._block_pages(slot)
+                for j, page, count in page_runs(page_ids[i * self.ppb:(i + 1) * self.ppb]):
+                    dst[j:j + count].copy_(self.kv_pages[page:page + count])
+            return GatheredSave(slots, self._slot_checksums(slots))
+        ids = self.device_ids(page_ids)
+        sums = kernels.block_checksums(self.kv_cache, ids, self.ppb)
         staging = torch.empty((len(slots), self.block_bytes), dtype=torch.uint8, device=self.kv_cache.device)
         kernels.gather_blocks(self.kv_cache, ids, out=self._as_pages(staging))
         host_sums = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
@@ -122,18 +142,20 @@ class SlabCopies:
 
         The caller waits for each block before it asks for the next (the module docstring says why).
         """
-        dst_ids = self.device_ids(page_ids) if self.cuda else torch.tensor(page_ids)
+        dst_ids = self.device_ids(page_ids) if self.cuda else None
         for i, slot in enumerate(slots):
             start = max(skip_pages - i * self.ppb, 0)
-            dst = dst_ids[i * self.ppb + start:(i + 1) * self.ppb]
             if not self.cuda:
-                self.kv_pages.index_copy_(0, dst, self._block_pages(slot)[start:])
+                src = self._block_pages(slot)
+                for j, page, count in page_runs(page_ids[i * self.ppb + start:(i + 1) * self.ppb]):
+                    self.kv_pages[page:page + count].copy_(src[start + j:start + j + count])
                 yield
                 continue
             with torch.cuda.stream(stream):
                 # One staging row: the caller waits for each block, so the row is free again.
                 self._load_row.copy_(self.slab_rows[slot:slot + 1], non_blocking=True)
-                kernels.scatter_blocks(self.kv_cache, dst, self._as_pages(self._load_row)[start:])
+                kernels.scatter_blocks(self.kv_cache, dst_ids[i * self.ppb + start:(i + 1) * self.ppb],
+                                       self._as_pages(self._load_row)[start:])
             yield
 
     def verify(self, stream: torch.cuda.Stream | None, slots: list[int], checked_ids: list[int],
@@ -145,9 +167,7 @@ class SlabCopies:
         `slots` (a host copy cannot corrupt), done on return.
         """
         if not self.cuda:
-            slot_pages = [slot * self.ppb + j for slot in slots for j in range(self.ppb)]
-            return kernels.block_checksums(self.slab_rows.view(-1, self.page_bytes), torch.tensor(slot_pages),
-                                           self.ppb) == torch.tensor(expected, dtype=torch.int64)
+            return self._slot_checksums(slots) == torch.tensor(expected, dtype=torch.int64)
         with torch.cuda.stream(stream):
             ok = kernels.block_checksums(self.kv_cache, self.device_ids(checked_ids), self.ppb) == \
                 self.device_ids(expected)
