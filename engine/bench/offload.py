@@ -131,6 +131,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated prompt lengths of the TTFT rows (each below the model's max positions)")
     p.add_argument("--offload-block-size", type=int, default=256, help="tokens per offloaded block")
     p.add_argument("--cpu-bytes", default="4GiB", help="memory tier budget (must hold the longest prompt)")
+    p.add_argument("--load-cost-model", action="store_true",
+                   help="let the load-or-recompute model skip tiers slower than prefill (off: every row measures "
+                        "its tier's data path)")
     p.add_argument("--kvstore-url", help="measure the memory tier of a kvstore daemon at this URL (grpc://host:port) "
                                          "instead of an embedded store; on this host, through its slab")
     p.add_argument("--max-pending-saves", type=int, default=None,
@@ -250,6 +253,7 @@ def _engine(args: argparse.Namespace, path: str, random_weights: bool, dtype: st
     cfg = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
            "kv_connector_extra_config": {
                "block_size": args.offload_block_size, **store, "max_pending_saves": _max_pending_saves(args),
+               "load_cost_model": args.load_cost_model,
                "policy": {"class": "engine.bench.offload:TiersFromMetadata"}}}
     _phase(f"engine: {common.model_label(args)}, {dtype}, max_model_len {_max_model_len(args)}")
     return LLM(**common.engine_kwargs(args, path, random_weights, dtype, _max_model_len(args)),

@@ -46,6 +46,7 @@ class OffloadConfig(_Strict):
     lookup_timeout_s: Annotated[float, Field(gt=0)] = 1.0
     load_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     kvstore_shm: bool | Literal["auto"] = "auto"
+    load_cost_model: bool = True
 
     @field_validator("cpu_bytes_to_use", mode="before")
     @classmethod

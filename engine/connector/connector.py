@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.connector.config import KVTransferConfig
+from engine.connector.cost_model import CostModel
 from engine.connector.embedded_store import EmbeddedStore, check_unreachable
 from engine.connector.metrics import ConnectorMetrics
 from engine.connector.policy import Decision, RequestInfo, check_policy_tiers, load_policy
@@ -49,6 +50,7 @@ class _RequestOffload:
     # The lookup of the current admission attempt: a request that waits for free pages is tried
     # again every step, and must not cost a Lookup (and count its hits) each time.
     found: LookupResult | None = None
+    prefill: tuple[float, int] | None = None   # (when it joined the running requests, tokens to compute)
 
 
 class OffloadingConnector:
@@ -84,11 +86,13 @@ class OffloadingConnector:
         except ConfigError:
             self.store.close()
             raise
+        self.cost = CostModel(self.block_size, block_bytes)
         if isinstance(self.store, DaemonStore):   # a remote daemon: blocks as gRPC payloads
             self.transfer = BlockTransfer(kv_cache, self.store, namespace, self.pages_per_block, self.metrics,
-                                          offload.max_pending_saves)
+                                          offload.max_pending_saves, self.cost)
         else:
-            self.transfer = SlabTransfer(kv_cache, self.store, namespace, self.pages_per_block, self.metrics)
+            self.transfer = SlabTransfer(kv_cache, self.store, namespace, self.pages_per_block, self.metrics,
+                                         self.cost)
         self._requests: dict[str, _RequestOffload] = {}
         self._lookup_backoff_s = _LOOKUP_BACKOFF_S[0]
         self._lookups_resume_at = 0.0
@@ -98,14 +102,14 @@ class OffloadingConnector:
         state = self._requests.get(request.request_id)
         if state is None:
             info = RequestInfo(request.request_id, request.num_prompt_tokens, gpu_hit_tokens, request.priority,
-                               self.model_name, dict(request.metadata))
+                               self.model_name, dict(request.metadata), self.cost.estimates())
             try:
                 decision = self.policy.on_new_request(info)
             except Exception:  # a broken user policy costs offloading for this request, nothing more
                 logger.exception("offload policy failed for request %s; not offloading it", request.request_id)
                 decision = _NO_OFFLOAD
             decision = Decision(load=decision.load and self.cfg.can_load, save=decision.save and self.cfg.can_save,
-                                tiers=decision.tiers, ttl_s=decision.ttl_s)
+                                tiers=decision.tiers, ttl_s=decision.ttl_s, cost_model=decision.cost_model)
             state = self._requests[request.request_id] = _RequestOffload(decision)
         return state
 
@@ -136,11 +140,18 @@ class OffloadingConnector:
         # A prompt that ends on a block boundary loads its last block too and recomputes only its
         # last token (whose logits give the first new token): 1 token, not 256, to compute.
         hit_end = min(state.found.num_hits * self.block_size, request.num_tokens - 1)
+        load_end = hit_end
+        if self.cfg.offload.load_cost_model and state.decision.cost_model and hit_end > gpu_hit_tokens:
+            first = gpu_hit_tokens // self.block_size
+            k = self.cost.blocks_to_load(state.found.tiers, first, gpu_hit_tokens, request.num_tokens)
+            load_end = max(gpu_hit_tokens, min((first + k) * self.block_size, hit_end))
         if first_try:
             for j, tier in enumerate(state.found.tiers):
                 new = min((j + 1) * self.block_size, hit_end) - max(j * self.block_size, gpu_hit_tokens)
                 self.metrics.inc(self.metrics.hit_tokens, max(0, new), tier=tier)
-        return max(0, hit_end - gpu_hit_tokens)
+                skipped = min((j + 1) * self.block_size, hit_end) - max(j * self.block_size, load_end)
+                self.metrics.inc(self.metrics.skipped_load_tokens, max(0, skipped), tier=tier)
+        return max(0, load_end - gpu_hit_tokens)
 
     def _lookup(self, request: Request, keys: list[bytes]) -> LookupResult | None:
         """One Lookup; None (a miss) when the store fails or is backing off after a failure."""
@@ -163,16 +174,18 @@ class OffloadingConnector:
     def start_load(self, request: Request, page_ids: list[int], gpu_hit_tokens: int, num_tokens: int) -> None:
         """Fetch the blocks covering tokens [gpu_hit_tokens, gpu_hit_tokens + num_tokens) into `page_ids`."""
         state = self._requests[request.request_id]
-        state.found = None  # admitted: a later admission (after a preemption) looks up afresh
         first = gpu_hit_tokens // self.block_size
         end = -(-(gpu_hit_tokens + num_tokens) // self.block_size)
+        tiers = state.found.tiers[first:end]
+        state.found = None  # admitted: a later admission (after a preemption) looks up afresh
         ppb = self.pages_per_block
         state.load_from = first
         state.load_start_tokens = gpu_hit_tokens
         state.load_end_tokens = gpu_hit_tokens + num_tokens
         self.transfer.start_load(LoadJob(
             request.request_id, [self.block_key(request, j) for j in range(first, end)],
-            page_ids[first * ppb:end * ppb], skip_pages=gpu_hit_tokens // self.page_size - first * ppb))
+            page_ids[first * ppb:end * ppb], skip_pages=gpu_hit_tokens // self.page_size - first * ppb,
+            tiers=tiers))
 
     def finished_loads(self) -> list[tuple[str, int]]:
         """(request id, tokens whose KV is now in its pages) for every load that completed.
@@ -211,6 +224,7 @@ class OffloadingConnector:
         if state is None:
             return
         state.found = None
+        state.prefill = (time.perf_counter(), request.num_prompt_tokens - num_computed_tokens)
         if state.decision.load:
             self.metrics.inc(self.metrics.recomputed_tokens, max(0, request.num_prompt_tokens - num_computed_tokens))
 
@@ -235,6 +249,14 @@ class OffloadingConnector:
             state.blocks_saved = max(state.blocks_saved, full)
         if jobs:
             self.transfer.save(jobs)
+
+    def first_token(self, request: Request) -> None:
+        """A request's prefill is done (its first token is out): a sample of the engine's prefill rate."""
+        state = self._requests.get(request.request_id)
+        if state is not None and state.prefill is not None:
+            started, tokens = state.prefill
+            self.cost.observe_prefill(tokens, time.perf_counter() - started)
+            state.prefill = None
 
     def request_finished(self, request_id: str) -> None:
         self._requests.pop(request_id, None)

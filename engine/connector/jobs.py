@@ -24,6 +24,7 @@ class LoadJob:
     keys: list[bytes]
     page_ids: list[int]          # pages to fill, len(keys) * pages_per_block
     skip_pages: int              # leading pages the GPU prefix cache already holds: not written
+    tiers: list[str] = field(default_factory=list)   # the tier the lookup found each block in
     started: float = field(default_factory=time.perf_counter)
 
 

@@ -31,6 +31,9 @@ class ConnectorMetrics:
         self.saved_blocks = counter("tierkv:offload_saved_blocks", "Blocks handed to the store")
         self.bytes_saved = counter("tierkv:offload_saved_bytes", "Bytes handed to the store")
         self.bytes_loaded = counter("tierkv:offload_loaded_bytes", "Bytes loaded from the store")
+        self.skipped_load_tokens = counter("tierkv:offload_skipped_load_tokens",
+                                           "Prompt tokens found in the store but recomputed, because loading them "
+                                           "was estimated slower than computing them, by tier", ("tier",))
         self.corrupt_blocks = counter("tierkv:offload_corrupt_blocks",
                                       "Loaded blocks that failed their checksum (recomputed, the copy deleted)")
         self.dropped_saves = counter("tierkv:offload_dropped_saves", "Blocks not saved because the save queue was full")

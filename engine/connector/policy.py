@@ -13,6 +13,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from engine.connector.cost_model import RateEstimates
 from kvstore.config import ConfigError
 
 
@@ -26,18 +27,22 @@ class RequestInfo:
     priority: int
     model: str
     metadata: dict[str, Any] = field(default_factory=dict)  # caller data: OpenAI `user`, headers, ...
+    # The measured rates the load-or-recompute model uses (engine/connector/cost_model.py).
+    rates: RateEstimates = field(default_factory=lambda: RateEstimates({}, None))
 
 
 @dataclass(frozen=True)
 class Decision:
     """What to do with one request's KV. `tiers=None` lets the store write through its first tier
     only (the rest is write-back on eviction); a list names every tier to write through. `ttl_s`
-    bounds how long the saved blocks live (None: the tiers' own TTL)."""
+    bounds how long the saved blocks live (None: the tiers' own TTL). `cost_model=False` loads the
+    whole hit even where the measured rates say recomputing it is faster."""
 
     load: bool = True
     save: bool = True
     tiers: list[str] | None = None
     ttl_s: float | None = None
+    cost_model: bool = True   # load only what the measured rates say is faster than recomputing
 
 
 @runtime_checkable

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.connector.cost_model import CostModel
 from engine.connector.embedded_store import EmbeddedStore
 from engine.connector.jobs import LoadJob, LoadResult, SaveJob
 from engine.connector.metrics import ConnectorMetrics
@@ -66,8 +67,9 @@ class SlabTransfer:
     """Saves and loads whole blocks (`pages_per_block` pages each) between the KV cache and a slab."""
 
     def __init__(self, kv_cache: torch.Tensor, store: EmbeddedStore, namespace: str, pages_per_block: int,
-                 metrics: ConnectorMetrics) -> None:
+                 metrics: ConnectorMetrics, cost: CostModel) -> None:
         self.store = store
+        self.cost = cost
         self.namespace = namespace
         self.ppb = pages_per_block
         self.metrics = metrics
@@ -269,7 +271,21 @@ class SlabTransfer:
         self.metrics.observe(self.metrics.load_seconds, now - job.started)
         if load.blocks:
             self._observe_phases(load, now)
+        if n:
+            self._observe_rates(load, n, now)
         return LoadResult(job.request_id, n)
+
+    def _observe_rates(self, load: _Load, n: int, now: float) -> None:
+        """Each tier's share of the load's time, for the load-or-recompute model: every block was
+        copied out of the slab; blocks from below were first fetched into it."""
+        tiers = load.job.tiers[:n]
+        slab = self.store.tier_names[0] if self.store.has_memory_tier else None
+        copy_s, fetch_s = now - load.fetched_s, load.fetched_s - load.job.started
+        below = sum(t != slab for t in tiers)
+        for tier in set(tiers):
+            m = tiers.count(tier)
+            seconds = copy_s * m / n + (0.0 if tier == slab else fetch_s * m / below)
+            self.cost.observe_load(tier, m * self.block_bytes, seconds)
 
     def _observe_phases(self, load: _Load, now: float) -> None:
         job = load.job

@@ -29,6 +29,7 @@ from functools import partial
 
 import torch
 
+from engine.connector.cost_model import CostModel
 from engine.connector.jobs import LoadJob, LoadResult, SaveJob
 from engine.connector.metrics import ConnectorMetrics
 from engine.connector.store_backend import BlockStore
@@ -60,8 +61,9 @@ class BlockTransfer:
     """Background save and load of whole blocks (`pages_per_block` pages each)."""
 
     def __init__(self, kv_cache: torch.Tensor, store: BlockStore, namespace: str, pages_per_block: int,
-                 metrics: ConnectorMetrics, max_pending_saves: int) -> None:
+                 metrics: ConnectorMetrics, max_pending_saves: int, cost: CostModel) -> None:
         self.kv_cache = kv_cache
+        self.cost = cost
         self.store = store
         self.namespace = namespace
         self.pages_per_block = pages_per_block
@@ -270,7 +272,10 @@ class BlockTransfer:
                 self.metrics.inc(self.metrics.bytes_loaded, n * self.block_bytes)
             if lease is not None:
                 lease.release()   # the CPU scatter is synchronous: the buffer is free again
-            self.metrics.observe(self.metrics.load_seconds, time.perf_counter() - job.started)
+            elapsed = time.perf_counter() - job.started
+            self.metrics.observe(self.metrics.load_seconds, elapsed)
+            if n and job.tiers:
+                self.cost.observe_load(job.tiers[0], n * self.block_bytes, elapsed)
             results.append(LoadResult(job.request_id, n))
 
     def close(self, drain_timeout: float = 10.0) -> None:

@@ -222,6 +222,8 @@ class Scheduler:
                 continue
             request.num_pending_outputs -= 1
             request.append_output_token(token)
+            if self.connector is not None and len(request.output_token_ids) == 1:
+                self.connector.first_token(request)
             status = self._check_stop(request, token)
             if status is not None:
                 # A request preempted while this step ran waits in the queue; it can finish there.

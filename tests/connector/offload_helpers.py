@@ -36,9 +36,12 @@ PREFIX = tokens(1, PREFIX_LEN)
 
 
 def kv_config(role: str = "kv_both", **extra) -> dict:
-    """A `--kv-transfer-config` object with 256-token blocks; `extra` goes into kv_connector_extra_config."""
+    """A `--kv-transfer-config` object with 256-token blocks; `extra` goes into kv_connector_extra_config.
+
+    The load-or-recompute model is off unless asked for: these tests count exactly what is loaded,
+    and on two shared cores a tiny model's prefill and moto's S3 run at similar, noisy rates."""
     return {"kv_connector": "OffloadingConnector", "kv_role": role,
-            "kv_connector_extra_config": {"block_size": BLOCK, **extra}}
+            "kv_connector_extra_config": {"block_size": BLOCK, "load_cost_model": False, **extra}}
 
 
 def make_llm(model: str, cfg: dict | None, **kwargs) -> LLM:
