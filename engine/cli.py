@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
 from engine.bench.cli import BENCHMARKS
+from kvstore.version import package_version
 
 
 def _generate(argv: list[str]) -> int:
@@ -71,14 +71,6 @@ EPILOG = """`tierkv <command> --help` lists a command's flags. Examples:
   tierkv generate --prompt "What is the capital of France?"
   tierkv serve /path/to/hf-dir-or.gguf --port 8000
   tierkv bench throughput --help"""
-
-
-def package_version() -> str:
-    """The installed distribution's version (the server's ``/version`` says the same)."""
-    try:
-        return version("tierkv")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,9 +10,9 @@ import signal
 import sys
 import threading
 from dataclasses import asdict
-from importlib.metadata import PackageNotFoundError, version
 
 from kvstore.config import ConfigError, StoreConfig, load_store_config, parse_bytes
+from kvstore.version import package_version
 
 log = logging.getLogger("kvstore")
 
@@ -106,14 +106,6 @@ EPILOG = """`kvstore <command> --help` lists a command's flags. Examples:
   kvstore serve --config deploy/kvstore.yaml     # tiers and listen address from the file
   kvstore bench --baseline                       # in-process store, plus raw gRPC on loopback
   kvstore bench --url grpc://127.0.0.1:50051 --shm"""
-
-
-def package_version() -> str:
-    """The installed distribution's version (kvstore ships in the tierkv package)."""
-    try:
-        return version("tierkv")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,6 @@ import logging
 from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
-from importlib.metadata import PackageNotFoundError, version
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -29,18 +28,12 @@ from engine.server.completions import complete, start_completion, stream_complet
 from engine.server.errors import APIError, bad_request, from_validation_error, invalid_api_key, unknown_model
 from engine.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from engine.server.sse import EventStreamResponse
+from kvstore.version import package_version
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
-
-
-def package_version() -> str:
-    try:
-        return version("tierkv")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def build_app(engine: AsyncEngine, model_names: tuple[str, ...], model_root: str,
