@@ -73,6 +73,11 @@ class EngineConfig:
         if self.kv_transfer_config is not None and not isinstance(self.kv_transfer_config, dict):
             raise ValueError("kv_transfer_config must be a JSON object (dict), "
                              f"got {type(self.kv_transfer_config).__name__}")
+        if self.kv_transfer_config is not None:
+            # Checked here, before any weights load: a typo must not cost a minute of loading first.
+            from engine.connector.config import parse_kv_transfer_config
+
+            parse_kv_transfer_config(self.kv_transfer_config)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 
 import uvicorn
@@ -46,6 +47,13 @@ def uvicorn_config(app: FastAPI, config: ServeConfig) -> uvicorn.Config:
                           timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on")
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Bind and release the address before the weights load, so a port in use fails in a second."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+
+
 def main(argv: list[str]) -> int:
     """Entry point of `tierkv serve ...`; returns the process exit status."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
@@ -53,6 +61,12 @@ def main(argv: list[str]) -> int:
         config = parse_serve_args(argv)
     except ConfigError as err:
         print(f"tierkv serve: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        _check_port_free(config.host, config.port)
+    except OSError as err:
+        print(f"tierkv serve: error: cannot listen on {config.host}:{config.port} ({err.strerror}); "
+              "choose another --port", file=sys.stderr)
         return 2
     try:
         app = build_server(config)
