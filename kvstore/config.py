@@ -215,6 +215,12 @@ class StoreConfig(_Strict):
     max_namespace_len: Annotated[int, Field(ge=1)] = 128
     # Same-host engines attached to the slab at once (each session holds one RPC thread).
     shm_max_sessions: Annotated[int, Field(ge=0)] = 16
+    # KVStore calls running at once (each holds an RPC thread; Put streams at most half of them),
+    # how long a stream may wait on its peer, and the HTTP/2 pings that find dead peers.
+    max_concurrent_rpcs: Annotated[int, Field(ge=2, le=4096)] = 64
+    stream_idle_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    keepalive_time_s: Annotated[float, Field(ge=1, le=86400)] = 60.0
+    keepalive_timeout_s: Annotated[float, Field(ge=1, le=3600)] = 20.0
 
     @field_validator("max_message_bytes", mode="before")
     @classmethod

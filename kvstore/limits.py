@@ -2,6 +2,11 @@
 
 Every violation is a `LimitError` whose message names the field and the limit; the servicer turns it
 into INVALID_ARGUMENT. Values are never echoed back whole (a key is shown as a short hex prefix).
+
+`request_bytes()` sizes each unary method's request from these limits: gRPC Python has one receive
+limit for the whole server (which Put's block chunks need large), so the daemon compares a request's
+serialized size with its method's limit before parsing it (kvstore/server.py); a Lookup of a million
+keys is turned away without building a million Python objects.
 """
 
 from __future__ import annotations
@@ -14,6 +19,14 @@ from kvstore.config import StoreConfig, check_expires_at, check_ttl_s
 
 # Namespaces become part of Redis keys and S3 object names: keep them to a safe, printable set.
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
+# Room in every request beyond its keys or slots: tags, the session handle, tier names, the TTL.
+_ENVELOPE_BYTES = 4096
+# Per repeated key: its tag and length prefix (at most 11 bytes together).
+_KEY_FRAMING_BYTES = 11
+# Per CommittedSlot beyond its key: the entry's own tag and length, slot, checksum and expiry fields.
+_COMMIT_ENTRY_BYTES = 11 + 6 + 9 + 9
+# Per slot of a packed uint32 list: one varint.
+_SLOT_BYTES = 5
 
 
 class LimitError(ValueError):
@@ -37,6 +50,18 @@ class Limits:
             max_key_bytes=cfg.max_key_bytes,
             max_namespace_len=cfg.max_namespace_len,
         )
+
+    def request_bytes(self) -> dict[str, int]:
+        """Unary method name -> the largest serialized request it needs: `max_keys_per_call` keys of
+        `max_key_bytes` (or slots), a namespace of `max_namespace_len` characters, and headroom."""
+        envelope = _ENVELOPE_BYTES + 4 * self.max_namespace_len   # UTF-8: up to 4 bytes a character
+        keys = envelope + self.max_keys_per_call * (self.max_key_bytes + _KEY_FRAMING_BYTES)
+        return {
+            "Lookup": keys, "Get": keys, "Delete": keys, "AcquireSlots": keys,
+            "CommitSlots": envelope + self.max_keys_per_call * (self.max_key_bytes + _COMMIT_ENTRY_BYTES),
+            "ReleaseSlots": envelope + self.max_keys_per_call * _SLOT_BYTES,
+            "AllocateSlots": envelope, "Clear": envelope, "Stats": envelope, "AttachSlab": envelope,
+        }
 
     def check_namespace(self, namespace: str) -> None:
         if not namespace:

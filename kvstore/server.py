@@ -3,6 +3,13 @@
 `serve(cfg)` starts a real gRPC server (thread pool, optional TLS and bearer token, the standard health
 service, metrics) and returns a `ServerHandle` with `.port` and `.stop()`; tests use it in-process and
 `kvstore serve` runs it as the daemon.
+
+A client must not be able to take the daemon's threads (every sync gRPC call holds one while it runs)
+or its memory: `CallLimitsInterceptor` turns away KVStore calls beyond `max_concurrent_rpcs` (Put
+streams beyond half of it) and unary requests larger than their method needs, before any handler
+work; `IdleWatchdog` cancels streams whose peer went quiet; keepalive pings drop dead connections.
+The thread pool holds HEALTH_THREADS more threads than KVStore calls may take, so the health service
+(Kubernetes probes) answers while the data calls are saturated.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.slab_sessions import CommitEntry, SlabError, SlabSessions
 from kvstore.store import TieredStore
-from kvstore.streaming import CHUNK_BYTES, BlockAssembler, block_messages
+from kvstore.streaming import CHUNK_BYTES, BlockAssembler, IdleWatchdog, StreamIdle, block_messages
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +42,10 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
 PUT_FLUSH_BYTES = 64 << 20
 # Gets read this many keys from the store at a time (bounded memory, still batched for Redis / S3).
 GET_BATCH_KEYS = 16
-DEFAULT_WORKERS = 64
+# Threads beyond max_concurrent_rpcs: for the health service, and for turning excess calls away.
+HEALTH_THREADS = 8
+# Clients may ping this often on a connection without calls before the daemon closes it (too_many_pings).
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
 HEALTH_POLL_S = 1.0
 _SLAB_CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "unavailable": grpc.StatusCode.FAILED_PRECONDITION,
                "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -49,11 +59,13 @@ def tier_service_name(tier: str) -> str:
 class KVStoreServicer(pb_grpc.KVStoreServicer):
     """Validates each request against the limits, then calls the store."""
 
-    def __init__(self, store: TieredStore, limits: Limits, tier_names: list[str], slab: SlabSessions):
+    def __init__(self, store: TieredStore, limits: Limits, tier_names: list[str], slab: SlabSessions,
+                 idle: IdleWatchdog):
         self._store = store
         self._limits = limits
         self._tier_names = tier_names
         self._slab = slab
+        self._idle = idle
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
         keys = self._checked(context, request.namespace, list(request.keys))
@@ -61,16 +73,19 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return pb.LookupResponse(num_hits=result.num_hits, tiers=result.tiers)
 
     def Put(self, request_iterator: Iterator[pb.PutRequest], context: grpc.ServicerContext) -> pb.PutResponse:
-        stream = iter(request_iterator)
-        first = next(stream, None)
-        if first is None or first.WhichOneof("item") != "header":
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message of a Put stream must be a PutHeader")
-        header = first.header
+        stream = self._idle.incoming(context, request_iterator)
         try:
+            first = next(stream, None)
+            if first is None or first.WhichOneof("item") != "header":
+                _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                       "the first message of a Put stream must be a PutHeader")
+            header = first.header
             tiers, ttl_s = self._put_target(header)
             return pb.PutResponse(stored=self._put_blocks(stream, header.namespace, tiers, ttl_s, context))
         except LimitError as error:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except StreamIdle as error:
+            _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
 
     def _put_target(self, header: pb.PutHeader) -> tuple[list[str] | None, float | None]:
         """A Put header's (tiers, TTL), checked against the limits; raises LimitError."""
@@ -124,9 +139,12 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[pb.GetResponse]:
         keys = self._checked(context, request.namespace, list(request.keys))
+        return self._idle.outgoing(context, self._get_messages(request.namespace, keys))
+
+    def _get_messages(self, namespace: str, keys: list[bytes]) -> Iterator[pb.GetResponse]:
         for first in range(0, len(keys), GET_BATCH_KEYS):
             batch = keys[first : first + GET_BATCH_KEYS]
-            for key, block in zip(batch, self._store.get_sealed(request.namespace, batch)):
+            for key, block in zip(batch, self._store.get_sealed(namespace, batch)):
                 if block is None:
                     yield pb.GetResponse(miss=pb.Miss(key=key))
                     continue
@@ -233,6 +251,99 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
     context.abort(code, message)
 
 
+class _Oversized:
+    """Stands in for a request too large for its method, which is left unparsed."""
+
+    def __init__(self, size: int, limit: int):
+        self.size = size
+        self.limit = limit
+
+
+class CallLimitsInterceptor(grpc.ServerInterceptor):
+    """Admits a KVStore call only while fewer than `max_calls` run (Put streams: half of them), and a
+    unary request only up to its method's size (`Limits.request_bytes`), compared before parsing.
+
+    Calls turned away get RESOURCE_EXHAUSTED (too many at once: retry later) or INVALID_ARGUMENT
+    (request too large), at once; they never wait for a thread. The health service is not counted.
+    """
+
+    def __init__(self, limits: Limits, max_calls: int):
+        self._request_bytes = limits.request_bytes()
+        self._max_calls = max_calls
+        self._calls = threading.BoundedSemaphore(max_calls)
+        self._puts = threading.BoundedSemaphore(max_calls // 2)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        if handler is None or service != SERVICE_NAME:
+            return handler
+        deserializer = handler.request_deserializer
+        if not handler.request_streaming:
+            deserializer = _size_checked(handler.request_deserializer, self._request_bytes[method])
+        gates = [(self._calls, f"{self._max_calls} KVStore calls are running (max_concurrent_rpcs)")]
+        if method == "Put":
+            gates.append((self._puts, f"{self._max_calls // 2} Put streams are running (half of "
+                                      f"max_concurrent_rpcs)"))
+        if handler.response_streaming:
+            behavior = _gated_stream(handler.unary_stream or handler.stream_stream, method, gates)
+        else:
+            behavior = _gated_unary(handler.unary_unary or handler.stream_unary, method, gates)
+        factory = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(handler.request_streaming, handler.response_streaming)]
+        return factory(behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+
+
+def _size_checked(deserializer, limit: int):
+    def parse(data: bytes):
+        return _Oversized(len(data), limit) if len(data) > limit else deserializer(data)
+
+    return parse
+
+
+def _admit(request, context: grpc.ServicerContext, method: str, gates) -> list[threading.BoundedSemaphore]:
+    """The semaphores taken for this call; aborts the call when it may not run."""
+    if isinstance(request, _Oversized):
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+               f"request: {request.size} bytes, the limit for {method} is {request.limit} bytes (from max_keys_per_call, max_key_bytes and max_namespace_len)")
+    held = []
+    for gate, busy in gates:
+        if not gate.acquire(blocking=False):
+            for taken in held:
+                taken.release()
+            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{busy}; retry later")
+        held.append(gate)
+    return held
+
+
+def _gated_unary(behavior, method: str, gates):
+    def gated(request, context):
+        held = _admit(request, context, method, gates)
+        try:
+            return behavior(request, context)
+        finally:
+            for gate in held:
+                gate.release()
+
+    return gated
+
+
+def _gated_stream(behavior, method: str, gates):
+    def gated(request, context):
+        held = _admit(request, context, method, gates)
+        try:
+            yield from behavior(request, context)
+        finally:
+            for gate in held:
+                gate.release()
+
+    return gated
+
+
 @dataclass
 class ServerHandle:
     """A running daemon: its bound port, and how to stop it."""
@@ -243,6 +354,7 @@ class ServerHandle:
     slab: SlabSessions
     _server: grpc.Server
     _health: health.HealthServicer
+    _idle: IdleWatchdog
     _owns_store: bool
     _metrics_http: object | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -261,6 +373,7 @@ class ServerHandle:
         # AttachSlab streams last as long as their sessions: end them, or every stop waits out the grace.
         self.slab.end_all()
         self._server.stop(grace_s).wait()
+        self._idle.stop()
         self.slab.close()
         if self._monitor is not None:
             self._monitor.join()
@@ -277,8 +390,9 @@ class ServerHandle:
 
 
 def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | None = None,
-          port: int | None = None, metrics_port: int | None = None, workers: int = DEFAULT_WORKERS) -> ServerHandle:
-    """Start the daemon described by `cfg`; `host`/`port`/`metrics_port` override the config (port 0 = any)."""
+          port: int | None = None, metrics_port: int | None = None, workers: int | None = None) -> ServerHandle:
+    """Start the daemon described by `cfg`; `host`/`port`/`metrics_port` override the config (port 0 = any),
+    `workers` its max_concurrent_rpcs."""
     cfg_host, _, cfg_port = cfg.listen.rpartition(":")
     host = host or cfg_host.strip("[]") or "127.0.0.1"
     port = int(cfg_port) if port is None else port
@@ -287,30 +401,42 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
     owns_store = store is None
     store = TieredStore.from_config(cfg) if store is None else store
     tier_names = [tier.tier_name for tier in cfg.tiers]
+    max_calls = cfg.max_concurrent_rpcs if workers is None else workers
+    limits = Limits.from_config(cfg)
 
     interceptors: list[grpc.ServerInterceptor] = [metrics.RpcMetricsInterceptor()]
     if token is not None:
         interceptors.append(TokenAuthInterceptor(token))
+    interceptors.append(CallLimitsInterceptor(limits, max_calls))
     # Single messages are chunks of at most CHUNK_BYTES; the margin lets a message up to the block
     # limit reach our own validation, which answers INVALID_ARGUMENT with a message.
     max_message = cfg.max_message_bytes + (64 << 10)
+    # maximum_concurrent_rpcs equal to the pool: a call that finds no thread is refused, never queued.
+    threads = max_calls + HEALTH_THREADS
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvstore-rpc"),
+        ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvstore-rpc"),
         interceptors=interceptors,
+        maximum_concurrent_rpcs=threads,
         options=[("grpc.max_receive_message_length", max_message),
                  ("grpc.max_send_message_length", max_message),
-                 ("grpc.so_reuseport", 0)],
+                 ("grpc.so_reuseport", 0),
+                 ("grpc.keepalive_time_ms", int(cfg.keepalive_time_s * 1000)),
+                 ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout_s * 1000)),
+                 ("grpc.keepalive_permit_without_calls", 1),
+                 ("grpc.http2.max_pings_without_data", 0),
+                 ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS)],
     )
-    # Each slab session holds one RPC thread (its AttachSlab stream): keep half the pool for calls,
-    # so the health service and every other call always find a thread.
-    slab = SlabSessions(store, min(cfg.shm_max_sessions, workers // 2))
-    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, Limits.from_config(cfg), tier_names, slab), server)
+    # Each slab session holds one RPC thread (its AttachSlab stream): keep half the calls for others.
+    slab = SlabSessions(store, min(cfg.shm_max_sessions, max_calls // 2))
+    idle = IdleWatchdog(cfg.stream_idle_timeout_s)
+    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, limits, tier_names, slab, idle), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = server.add_secure_port(address, _tls_credentials(cfg)) if cfg.tls_cert else server.add_insecure_port(address)
     if bound == 0:
+        idle.stop()
         slab.close()
         if owns_store:
             store.close()
@@ -320,7 +446,7 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     handle = ServerHandle(port=bound, host=host, store=store, slab=slab, _server=server, _health=health_servicer,
-                          _owns_store=owns_store)
+                          _idle=idle, _owns_store=owns_store)
     if metrics_port is not None:
         handle._metrics_http = metrics.start_metrics_server(metrics_port, host)
     handle._monitor = threading.Thread(target=_watch_tiers, args=(handle,), name="kvstore-health", daemon=True)

@@ -6,15 +6,27 @@ expires_at, first chunk) followed by `data` messages of at most CHUNK_BYTES. Bot
 daemon) and the Get (daemon -> client) streams use this framing. A block on the wire is a
 `SealedBlock`: its checksum is the one the store keeps (kvstore.checksum), sent as is, and the
 receiver verifies it against the namespace and key it asked for.
+
+A stream is paced by its peer, and each one holds a daemon RPC thread while it waits: `IdleWatchdog`
+cancels a stream whose peer has sent nothing (Put) or read nothing (Get) for `idle_s`, so a client
+that opens streams and goes quiet cannot keep the daemon's threads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+import grpc
 
 from kvstore.checksum import SealedBlock
 from kvstore.limits import LimitError
 from kvstore.proto import kvstore_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 
@@ -79,3 +91,85 @@ class BlockAssembler:
         if self._start is not None:
             raise LimitError(f"blocks[{self.blocks_started - 1}]: the stream ended after {self._received} "
                              f"of {self._start.size} bytes")
+
+
+class StreamIdle(Exception):
+    """The watchdog cut this stream: its peer was silent for longer than the idle timeout."""
+
+
+class _Wait:
+    """One stream waiting on its peer since `since` (monotonic seconds)."""
+
+    __slots__ = ("context", "since", "cut")
+
+    def __init__(self, context: grpc.ServicerContext):
+        self.context = context
+        self.since = time.monotonic()
+        self.cut = False
+
+
+class IdleWatchdog:
+    """Cancels streams that wait on their peer for longer than `idle_s` (stream_idle_timeout_s).
+
+    Only time spent waiting on the peer counts (the next request message, or the transport taking a
+    response message); the daemon's own work between messages (a slow tier) does not. One thread
+    checks every stream a few times per `idle_s`; a cut stream's call is cancelled, which wakes its
+    handler thread, and the handler sees StreamIdle.
+    """
+
+    def __init__(self, idle_s: float):
+        self.idle_s = idle_s
+        self._waits: set[_Wait] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kvstore-idle-streams", daemon=True)
+        self._thread.start()
+
+    def incoming(self, context: grpc.ServicerContext, messages: Iterable) -> Iterator:
+        """`messages` (a request stream), cut when the next one takes longer than idle_s to arrive."""
+        messages = iter(messages)
+        while True:
+            with self._waiting(context) as wait:
+                try:
+                    message = next(messages)
+                except StopIteration:
+                    return
+                except grpc.RpcError:
+                    if wait.cut:
+                        raise StreamIdle(f"the stream sent nothing for {self.idle_s:g} s "
+                                         f"(stream_idle_timeout_s); it was cancelled") from None
+                    raise
+            yield message
+
+    def outgoing(self, context: grpc.ServicerContext, messages: Iterable) -> Iterator:
+        """`messages` (a response stream), cut when the peer takes longer than idle_s to take one."""
+        for message in messages:
+            with self._waiting(context):
+                yield message
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+
+    @contextlib.contextmanager
+    def _waiting(self, context: grpc.ServicerContext) -> Iterator[_Wait]:
+        wait = _Wait(context)
+        with self._lock:
+            self._waits.add(wait)
+        try:
+            yield wait
+        finally:
+            with self._lock:
+                self._waits.discard(wait)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(min(1.0, self.idle_s / 4)):
+            oldest = time.monotonic() - self.idle_s
+            with self._lock:
+                late = {wait for wait in self._waits if wait.since <= oldest}
+                self._waits -= late
+            for wait in late:
+                wait.cut = True
+                log.warning("cancelled a stream from %s: its peer was idle for %g s (stream_idle_timeout_s)",
+                            wait.context.peer(), self.idle_s)
+                wait.context.cancel()
