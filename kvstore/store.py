@@ -9,14 +9,21 @@ the next tier unless already there. A block is checksummed once, when it is seal
 the caller for `put_sealed`); promotion and write-down move the `SealedBlock` as it is. A tier that
 fails is a miss for reads and is skipped for writes (see `tiers.guard`): nothing a tier does can
 raise out of these methods.
+
+A Delete (or Clear) wins over a promotion of the same key that it races: the Get may have read the
+block below before the Delete removed it there, and copy it up after the Delete removed it above.
+`_DeleteFence` counts the deletes begun and finished per key stripe; a promotion that sees any delete
+activity on its keys between its first read and the end of its writes takes its copies back out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from kvstore import tier_metrics
@@ -30,6 +37,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LookupResult", "TieredStore", "TierUsage"]
 
+# Keys share delete counters by hash stripe: bounded memory, and a collision only undoes a promotion.
+_DELETE_STRIPES = 4096
+
 
 def _validated(tiers: Sequence[TierConfig | dict]) -> list[TierConfig]:
     """Tier configs from models or raw dicts (the engine passes its JSON objects)."""
@@ -42,6 +52,47 @@ def _validated(tiers: Sequence[TierConfig | dict]) -> list[TierConfig]:
     if len(set(names)) != len(names):
         raise ConfigError(f"tiers: tier names must be unique, got {names} (add a 'name:' key)")
     return configs
+
+
+class _DeleteFence:
+    """Delete and Clear activity per key stripe, for promotions to check against (see the module doc)."""
+
+    _CLEAR = _DELETE_STRIPES   # the counters of Clears, which fence every key
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._started = [0] * (_DELETE_STRIPES + 1)
+        self._finished = [0] * (_DELETE_STRIPES + 1)
+
+    def snapshot(self, namespace: str, keys: Sequence[bytes]) -> list[tuple[int, ...]]:
+        """Per key: the deletes (and Clears) begun and finished so far."""
+        c = self._CLEAR
+        with self._lock:
+            return [(self._started[s], self._finished[s], self._started[c], self._finished[c])
+                    for s in self._stripes(namespace, keys)]
+
+    def disturbed(self, namespace: str, keys: Sequence[bytes], since: list[tuple[int, ...]]) -> list[bool]:
+        """Per key: whether a delete began or finished after `since`, or is running now."""
+        return [now != then or now[0] != now[1] or now[2] != now[3]
+                for now, then in zip(self.snapshot(namespace, keys), since)]
+
+    @contextlib.contextmanager
+    def deleting(self, namespace: str | None, keys: Sequence[bytes]) -> Iterator[None]:
+        """Around one Delete of `keys` from every tier; namespace None: a Clear."""
+        stripes = [self._CLEAR] if namespace is None else sorted(set(self._stripes(namespace, keys)))
+        with self._lock:
+            for stripe in stripes:
+                self._started[stripe] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for stripe in stripes:
+                    self._finished[stripe] += 1
+
+    @staticmethod
+    def _stripes(namespace: str, keys: Sequence[bytes]) -> list[int]:
+        return [hash((namespace, key)) % _DELETE_STRIPES for key in keys]
 
 
 @dataclass(frozen=True)
@@ -68,6 +119,7 @@ class TieredStore:
         self._guards = [TierGuard(tier.name) for tier in self._tiers]
         self._index = {tier.name: i for i, tier in enumerate(self._tiers)}
         self._tiers[-1].evictions_wanted = False   # past the last tier evicted blocks are dropped
+        self._fence = _DeleteFence()
 
     @classmethod
     def from_config(cls, cfg: StoreConfig) -> "TieredStore":
@@ -112,6 +164,7 @@ class TieredStore:
         found: list[SealedBlock | None] = [None] * len(keys)
         pending = list(range(len(keys)))
         promotions: list[tuple[int, list[tuple[bytes, SealedBlock]]]] = []
+        fenced = self._fence.snapshot(namespace, keys) if self.promote_on_hit else []
         now = time.time()
         for t, tier in enumerate(self._tiers[first:], start=first):
             if not pending:
@@ -137,8 +190,10 @@ class TieredStore:
             if hits and t > first and self.promote_on_hit:
                 promotions.append((t, hits))
             pending = still
-        for t, hits in promotions:
-            self._promote(namespace, t, hits, first)
+        if promotions:
+            since = dict(zip(keys, fenced))
+            for t, hits in promotions:
+                self._promote(namespace, t, hits, first, [since[key] for key, _ in hits])
         return found
 
     def put(
@@ -182,18 +237,20 @@ class TieredStore:
     def delete(self, namespace: str, keys: list[bytes]) -> int:
         """Remove keys from every tier; the number of keys that were present in some tier."""
         present = [False] * len(keys)
-        for t, tier in enumerate(self._tiers):
-            held = self._guards[t].call("contains", lambda: tier.contains(namespace, keys), [False] * len(keys))
-            present = [a or b for a, b in zip(present, held)]
-            self._guards[t].call("delete", lambda: tier.delete(namespace, keys), 0)
+        with self._fence.deleting(namespace, keys):
+            for t, tier in enumerate(self._tiers):
+                held = self._guards[t].call("contains", lambda: tier.contains(namespace, keys), [False] * len(keys))
+                present = [a or b for a, b in zip(present, held)]
+                self._guards[t].call("delete", lambda: tier.delete(namespace, keys), 0)
         return sum(present)
 
     def clear(self, namespace: str) -> int:
         """Remove a namespace from every tier; the most blocks removed from any one tier
         (a block held by several tiers is one block, and tiers cannot cheaply tell which)."""
         removed = 0
-        for t, tier in enumerate(self._tiers):
-            removed = max(removed, self._guards[t].call("clear", lambda: tier.clear(namespace), 0))
+        with self._fence.deleting(None, []):
+            for t, tier in enumerate(self._tiers):
+                removed = max(removed, self._guards[t].call("clear", lambda: tier.clear(namespace), 0))
         return removed
 
     def write_down(self, tier: str, evicted: list[Evicted]) -> None:
@@ -281,10 +338,19 @@ class TieredStore:
             if missing and self._put_into(namespace, t, missing):
                 tier_metrics.DEMOTIONS.labels(tier.name).inc(len(missing))
 
-    def _promote(self, namespace: str, found_in: int, hits: list[tuple[bytes, SealedBlock]], top: int) -> None:
-        for t in range(found_in - 1, top - 1, -1):
-            if self._put_into(namespace, t, hits):
-                tier_metrics.PROMOTIONS.labels(self._tiers[t].name).inc(len(hits))
+    def _promote(self, namespace: str, found_in: int, hits: list[tuple[bytes, SealedBlock]], top: int,
+                 since: list[tuple[int, ...]]) -> None:
+        """Copy hits up into tiers top..found_in-1; take back the copies of keys a delete touched
+        since `since` (their fence snapshot, taken before the read that found them)."""
+        promoted = [t for t in range(found_in - 1, top - 1, -1) if self._put_into(namespace, t, hits)]
+        for t in promoted:
+            tier_metrics.PROMOTIONS.labels(self._tiers[t].name).inc(len(hits))
+        keys = [key for key, _ in hits]
+        deleted = [key for key, hit in zip(keys, self._fence.disturbed(namespace, keys, since)) if hit]
+        if deleted:
+            for t in promoted:
+                tier = self._tiers[t]
+                self._guards[t].call("delete", lambda: tier.delete(namespace, deleted), 0)
 
     @staticmethod
     def _count_reads(tier_name: str, hits: list[tuple[bytes, SealedBlock]], misses: int) -> None:
