@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from kvstore.config import StoreConfig, check_expires_at, check_ttl_s
 
 # Namespaces become part of Redis keys and S3 object names: keep them to a safe, printable set.
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9._:-]+")
 # Room in every request beyond its keys or slots: tags, the session handle, tier names, the TTL.
 _ENVELOPE_BYTES = 4096
 # Per repeated key: its tag and length prefix (at most 11 bytes together).
@@ -68,7 +68,7 @@ class Limits:
             raise LimitError("namespace: must not be empty")
         if len(namespace) > self.max_namespace_len:
             raise LimitError(f"namespace: {len(namespace)} characters, the limit is {self.max_namespace_len}")
-        if not _NAMESPACE_RE.match(namespace):
+        if not _NAMESPACE_RE.fullmatch(namespace):   # fullmatch: $ would let "ns\n" through
             raise LimitError("namespace: only letters, digits and . _ : - are allowed")
 
     def check_key(self, key: bytes, index: int) -> None:
