@@ -1,6 +1,7 @@
 """The `kvstore` command: `serve` as a real subprocess (answers, stops on SIGTERM), `bench`, config errors."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -87,6 +88,8 @@ def test_bench_against_a_daemon(tmp_path, capsys, s3_bucket):
 
 
 def test_example_deploy_config_is_valid():
+    """It starts as the README says: on loopback, with no token to set first, and a bucket S3 accepts."""
     cfg = load_store_config(Path(__file__).resolve().parents[2] / "deploy" / "kvstore.yaml")
     assert ([t.tier_name for t in cfg.tiers], cfg.listen, cfg.auth_token_env) == (
-        ["memory", "redis", "obj"], "127.0.0.1:50051", "KVSTORE_TOKEN")
+        ["memory", "redis", "obj"], "127.0.0.1:50051", None)
+    assert re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", cfg.tiers[2].bucket)
