@@ -38,7 +38,7 @@ NONCE_OFFSET = len(MAGIC)
 NONCE_BYTES = 16
 HEADER_BYTES = 4096
 # Names the daemon gives its segments: nothing else under /dev/shm is ever mapped or removed.
-_NAME_RE = re.compile(r"^tierkv-[0-9]{1,10}-[0-9a-f]{16}$")
+_NAME_RE = re.compile(r"tierkv-[0-9]{1,10}-[0-9a-f]{16}")
 # mmap(2)'s MAP_FIXED on Linux (Python's mmap module does not export it).
 _MAP_FIXED = 0x10
 
@@ -93,7 +93,7 @@ class SlabSegment:
 def remove_stale_segments(shm_dir: Path = SHM_DIR) -> None:
     """Unlink slab segments no live daemon holds (their daemon was killed before it could)."""
     for path in Path(shm_dir).glob(f"{NAME_PREFIX}*"):
-        if not _NAME_RE.match(path.name):
+        if not _NAME_RE.fullmatch(path.name):
             continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -155,7 +155,7 @@ class MappedSegment:
 
 
 def _open(name: str, size: int, shm_dir: Path) -> int:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise SegmentError(errno.EINVAL, "segment_name: not a name a kvstore daemon gives its slab")
     try:
         # O_NOFOLLOW: a symlink planted under the name cannot point the mapping elsewhere.
