@@ -15,6 +15,7 @@ The thread pool holds HEALTH_THREADS more threads than KVStore calls may take, s
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kvstore import metrics
 from kvstore.auth import TokenAuthInterceptor, token_from_env
 from kvstore.checksum import SealedBlock
-from kvstore.config import StoreConfig
+from kvstore.config import ConfigError, StoreConfig
 from kvstore.limits import LimitError, Limits
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
@@ -398,6 +399,7 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
     port = int(cfg_port) if port is None else port
     metrics_port = cfg.metrics_port if metrics_port is None else metrics_port
     token = token_from_env(cfg.auth_token_env)
+    credentials = _tls_credentials(cfg) if cfg.tls_cert else None   # checked before anything starts
     owns_store = store is None
     store = TieredStore.from_config(cfg) if store is None else store
     tier_names = [tier.tier_name for tier in cfg.tiers]
@@ -434,7 +436,7 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_secure_port(address, _tls_credentials(cfg)) if cfg.tls_cert else server.add_insecure_port(address)
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         idle.stop()
         slab.close()
@@ -458,6 +460,13 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
 
 
 def _tls_credentials(cfg: StoreConfig) -> grpc.ServerCredentials:
+    """The server's TLS credentials; a pair that is not a PEM certificate and its own key is a config
+    error naming the keys (gRPC itself only fails later, with a traceback)."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    except (ssl.SSLError, OSError) as error:
+        raise ConfigError(f"tls_cert, tls_key: not a PEM certificate and its private key "
+                          f"({getattr(error, 'reason', None) or error})") from None
     return grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
 
 

@@ -9,7 +9,7 @@ from prometheus_client import REGISTRY, generate_latest
 
 from fixtures_services import obj_tier
 from kvstore.checksum import SealedBlock
-from kvstore.cli import configure_logging
+from kvstore.cli import configure_logging, main
 from kvstore.client import KVStoreClient, KVStoreError, RetryPolicy
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
@@ -173,3 +173,21 @@ def test_tls_round_trip_and_plaintext_refused(tls_files):
             with pytest.raises(KVStoreError) as info:
                 plain.stats()
             assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("broken", ["garbage", "other_key"])
+def test_a_bad_tls_pair_is_a_config_error_exit_2(tls_files, tmp_path, capsys, broken):
+    """`kvstore serve` with garbage PEM or a key that is not the certificate's: exit 2 naming the keys."""
+    cert, key_file = tls_files
+    if broken == "garbage":
+        key_file = tmp_path / "garbage.pem"
+        key_file.write_text("-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+    else:
+        key_file = tmp_path / "other.pem"
+        subprocess.run(["openssl", "genrsa", "-out", str(key_file), "2048"], check=True, capture_output=True)
+    config = tmp_path / "kvstore.yaml"
+    config.write_text(f"listen: 127.0.0.1:0\ntls_cert: {cert}\ntls_key: {key_file}\n"
+                      "tiers:\n  - {type: memory, bytes: 1MiB}\n")
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "tls_cert, tls_key: not a PEM certificate and its private key" in err
