@@ -1,13 +1,16 @@
-"""The offloading docs stay true to the code: every config key and metric is documented, and the
-user policy class in docs/policies.md is the one the tests run, verbatim."""
+"""The offloading docs stay true to the code: every config key and metric is documented, the user
+policy class in docs/policies.md is the one the tests run, verbatim, and the three-tier example
+does what it says."""
 
 from __future__ import annotations
 
+import json
 import re
 
 from engine.connector.config import KVTransferConfig, OffloadConfig
 from engine.connector.metrics import ConnectorMetrics
-from tests.connector.offload_helpers import REPO
+from fixtures_services import obj_tier
+from tests.connector.offload_helpers import BLOCK, REPO, generate, make_llm, tokens
 
 DOCS = REPO / "docs"
 
@@ -26,3 +29,28 @@ def test_worked_example_is_the_tested_policy_class():
     listings = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
     example = next(code for code in listings if "class UserAllowList" in code)
     assert example in (REPO / "tests" / "connector" / "user_policy.py").read_text()
+
+
+def test_the_documented_three_tier_example_shares_prefixes_between_replicas(tiny_model, cold, redis_url, s3_bucket):
+    """The README-style example in docs/offloading.md, pointed at this test's Redis and S3: a second
+    replica (its own memory tier) loads the first one's prompt from the shared tiers."""
+    doc = (DOCS / "offloading.md").read_text()
+    example = re.search(r"# Memory, then Redis, then S3.*?--kv-transfer-config '(\{.*?\})'\n", doc, flags=re.S)
+    cfg = json.loads(example.group(1))
+    extra = cfg["kv_connector_extra_config"]
+    endpoint, bucket = s3_bucket
+    extra.update(cpu_bytes_to_use="64MiB", load_cost_model=False)
+    extra["secondary_tiers"] = [{"type": "redis", "url": redis_url, "key_prefix": "docs-example:"},
+                                obj_tier(endpoint, bucket)]
+    prompt = tokens(61, 3 * BLOCK + 40)
+    first = make_llm(tiny_model, cfg)
+    assert generate(first, prompt) == cold(prompt)
+    assert first.engine.core.connector.flush()
+    first.engine.core.close()
+    second = make_llm(tiny_model, cfg)
+    loaded_before = second.engine.core.connector.metrics.snapshot().get("tierkv:offload_loaded_tokens", 0)
+    assert generate(second, prompt) == cold(prompt)
+    snapshot = second.engine.core.connector.metrics.snapshot()
+    assert snapshot["tierkv:offload_loaded_tokens"] - loaded_before == 3 * BLOCK
+    assert snapshot["tierkv:offload_hit_tokens{tier=redis}"] == 3 * BLOCK
+    second.engine.core.close()
