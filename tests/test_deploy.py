@@ -381,3 +381,30 @@ def test_entrypoint_refuses_an_unset_variable(tmp_path):
     out = subprocess.run([sys.executable, str(DEPLOY / "kvstore_entrypoint.py"), "--config", str(config)],
                          env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "REDIS_URL_NOT_SET_ANYWHERE" in out.stderr
+
+
+def test_compose_redis_command_sets_the_password_its_healthcheck_uses(tmp_path):
+    """The compose Redis command (its port and file moved here) writes a config Redis accepts, and the
+    healthcheck passes with REDISCLI_AUTH and fails without."""
+    import shutil
+
+    if not (shutil.which("redis-server") and shutil.which("redis-cli")):
+        pytest.skip("redis-server not installed")
+    service = compose()["services"]["redis"]
+    port, conf = _free_port(), tmp_path / "redis.conf"
+    cmd = (service["command"][0].replace("$$", "$").replace("/tmp/redis.conf", str(conf))
+           + f" --port {port} --bind 127.0.0.1 --daemonize no")
+    env = {**os.environ, "REDIS_PASSWORD": "0123abcdef"}
+    proc = subprocess.Popen(["/bin/sh", "-c", cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    check = service["healthcheck"]["test"][1].replace("redis-cli", f"redis-cli -p {port}")
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["/bin/sh", "-c", check], env={**env, "REDISCLI_AUTH": "0123abcdef"}).returncode:
+            assert proc.poll() is None and time.monotonic() < deadline, "redis did not start"
+            time.sleep(0.1)
+        assert subprocess.run(["/bin/sh", "-c", check], env={**env, "REDISCLI_AUTH": "wrong"},
+                              capture_output=True).returncode == 1
+        assert "0123abcdef" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
