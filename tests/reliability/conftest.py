@@ -1,0 +1,1 @@
+"""Reliability harness fixtures: none beyond tests/conftest.py (the harness starts its own services)."""
