@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from engine.connector.config import parse_kv_transfer_config
+from engine.connector.policy import check_policy_tiers, load_policy
 from engine.server.args import parse_serve_args
 from kvstore.config import parse_bytes, parse_store_config
 
@@ -408,3 +409,20 @@ def test_compose_redis_command_sets_the_password_its_healthcheck_uses(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_policies_write_through_to_tiers_the_stores_have():
+    """Replicas that do not share a slab share prefixes only through tiers the blocks are written to:
+    the policies name Redis, and only tiers the store they talk to has (checked at start-up)."""
+    objs = k8s_objects()
+    compose_daemon = parse_store_config(render_daemon_config((DEPLOY / "kvstore.compose.yaml").read_text()))
+    k8s_daemon = parse_store_config(render_daemon_config(objs[("ConfigMap", "kvstore-config")]["data"]["kvstore.yaml"]))
+    k8s_kv = yaml.safe_load(objs[("ConfigMap", "tierkv-serve")]["data"]["serve.yaml"])["kv-transfer-config"]
+    embedded = parse_kv_transfer_config((DEPLOY / "kv-transfer-config.json").read_text()).offload
+    cases = [(embedded.policy, [t.tier_name for t in embedded.tiers()]),
+             (parse_kv_transfer_config((DEPLOY / "kv-transfer-config.daemon.json").read_text()).offload.policy,
+              [t.tier_name for t in compose_daemon.tiers]),
+             (parse_kv_transfer_config(k8s_kv).offload.policy, [t.tier_name for t in k8s_daemon.tiers])]
+    for spec, available in cases:
+        check_policy_tiers(load_policy(spec), available)
+        assert "redis" in spec["tiers"]
