@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, ValidationInfo,
@@ -99,15 +99,19 @@ class MemoryTierConfig(_Strict):
 
 
 class RedisTierConfig(_Strict):
-    """Redis: pipelined batches over a pool; short timeouts so a dead Redis costs milliseconds."""
+    """Redis (one server, or a Redis Cluster with `cluster: true`): each batch is split into
+    pipelines on `batch_connections` connections in parallel, from a pool of `pool_size` (per node
+    of a cluster); short timeouts so a dead Redis costs milliseconds."""
 
     type: Literal["redis"]
     name: str | None = None
     url: SecretStr = SecretStr("redis://localhost:6379/0")
+    cluster: bool = False
     key_prefix: str = "tierkv:"
     ttl_s: TtlSeconds | None = 86400.0
     bytes: Annotated[int, Field(ge=0)] | None = None
     pool_size: Annotated[int, Field(ge=1, le=1024)] = 16
+    batch_connections: Annotated[int, Field(ge=1, le=64)] = 2
     connect_timeout_s: Annotated[float, Field(gt=0)] = 0.2
     socket_timeout_s: Annotated[float, Field(gt=0)] = 2.0
 
@@ -127,6 +131,26 @@ class RedisTierConfig(_Strict):
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError("expected a redis://, rediss:// or unix:// URL")
         return url
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster_url(cls, cluster: bool, info: ValidationInfo) -> bool:
+        url = info.data.get("url")
+        if cluster and url is not None:
+            parts = urlsplit(url.get_secret_value())
+            if parts.scheme == "unix":
+                raise ValueError("a Redis Cluster is reached over redis:// or rediss:// (any one node's "
+                                 "host:port), not unix://")
+            if parts.path.strip("/") not in ("", "0") or parse_qs(parts.query).get("db", ["0"]) != ["0"]:
+                raise ValueError("a Redis Cluster has only database 0: leave the URL's database out or 0")
+        return cluster
+
+    @field_validator("batch_connections")
+    @classmethod
+    def _within_pool(cls, value: int, info: ValidationInfo) -> int:
+        if value > info.data.get("pool_size", value):
+            raise ValueError("must be at most pool_size (each parallel pipeline holds one pooled connection)")
+        return value
 
     @property
     def tier_name(self) -> str:

@@ -2,7 +2,8 @@
 
 Importable by any test (kvstore, connector, engine): `start_redis()` and `start_moto()` return the
 address and the functions that stop (and restart) the service, so a test can take a tier down
-and bring it back on the same address.
+and bring it back on the same address. `start_redis_cluster()` starts a Redis Cluster of several
+masters from the same binary.
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (held open together while chosen, so none is picked twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _wait_until(ready: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
@@ -80,6 +93,78 @@ def start_redis(maxmemory: str | None = None, maxmemory_policy: str = "allkeys-l
 
     start()
     return url, stop, restart
+
+
+def redis_cluster_binaries() -> tuple[str, str] | None:
+    """(redis-server, redis-cli) paths, or None if either is missing."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    return (server, cli) if server and cli else None
+
+
+def start_redis_cluster(masters: int = 3):
+    """Start a Redis Cluster of `masters` primaries and no replicas on loopback; returns
+    (url of one node, [node addresses], stop_fn, restart_fn). Each node listens on a free port and
+    talks to the others on a second free port (`cluster-port`: the default, port + 10000, may be taken
+    or past 65535). No persistence: a restart brings the same nodes back (their nodes.conf keeps the
+    slot map) with no keys.
+    """
+    binaries = redis_cluster_binaries()
+    if binaries is None:
+        raise RuntimeError("redis-server and redis-cli are needed for a Redis Cluster (apt-get install redis-server)")
+    server, cli = binaries
+    ports = free_ports(2 * masters)
+    workdir = tempfile.mkdtemp(prefix="tierkv-redis-cluster-")
+    processes: list[subprocess.Popen] = []
+    nodes = [f"127.0.0.1:{port}" for port in ports[:masters]]
+
+    def stop() -> None:
+        while processes:
+            proc = processes.pop()
+            proc.terminate()
+            proc.wait(timeout=10)
+
+    def cluster_ok(port: int) -> bool:
+        try:
+            info = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.2).cluster("info")
+        except redis.RedisError:
+            return False
+        return info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) == masters
+
+    def start_nodes() -> None:
+        for port, bus_port in zip(ports[:masters], ports[masters:]):
+            processes.append(subprocess.Popen(
+                [server, "--port", str(port), "--cluster-port", str(bus_port), "--bind", "127.0.0.1",
+                 "--cluster-enabled", "yes", "--cluster-config-file", f"{workdir}/nodes-{port}.conf",
+                 "--save", "", "--appendonly", "no", "--dir", workdir, "--loglevel", "warning"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in ports[:masters]:
+            _wait_until(lambda port=port: _redis_up(port), f"redis-server (cluster node) on port {port}")
+
+    def wait_ok() -> None:
+        for port in ports[:masters]:
+            _wait_until(lambda port=port: cluster_ok(port), f"Redis Cluster state ok on port {port}", timeout_s=30)
+
+    def restart() -> None:
+        stop()
+        start_nodes()
+        wait_ok()
+
+    try:
+        start_nodes()
+        subprocess.run([cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, timeout=60, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_ok()
+    except BaseException:
+        stop()
+        raise
+    return f"redis://{nodes[0]}", nodes, stop, restart
+
+
+def _redis_up(port: int) -> bool:
+    try:
+        return redis.Redis(port=port, socket_timeout=0.2, socket_connect_timeout=0.2).ping()
+    except redis.RedisError:
+        return False
 
 
 def start_moto(port: int | None = None):

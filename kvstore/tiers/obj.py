@@ -8,9 +8,15 @@ get, because S3 lifecycle rules work in days. One object per block rather than g
 already 0.25-8 MiB (past the size where S3's per-request cost dominates), a prefix hit needs an
 arbitrary leading subset of blocks that grouped objects would over-read, and independent objects
 let eviction, TTL and checksum repair act on one block. Throughput comes from parallelism instead:
-a thread pool keeps `max_inflight` requests going (boto3 clients are thread-safe; their connection
-pool is sized to match). Timeouts are short and retries few, so an unreachable endpoint costs a
-refused connect and the store's `TierGuard` decides when to retry.
+a batch's requests run on a thread pool of `max_inflight` threads at once (boto3 clients are
+thread-safe), over a botocore connection pool of the same size. Timeouts are short and retries few,
+so an unreachable endpoint costs a refused connect and the store's `TierGuard` decides when to retry.
+
+Copies and passes over the bytes: a get reads the frame's header and then the payload as two reads
+of the response body, so the payload is the one buffer botocore reads it into, not a slice copied
+out of the frame. botocore's own CRC32 of every body (computed on put, checked on get, since
+botocore 1.36) is turned off (`when_required`): each frame carries the block checksum, which the
+store verifies on every read, so the CRC was a second pass over every byte on both sides.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import boto3
@@ -43,21 +49,7 @@ class ObjTier(Tier):
         self.ttl_s = cfg.ttl_s
         self._prefix = cfg.key_prefix
         self._where = f"{cfg.endpoint_url or 's3'}/{cfg.bucket}"
-        config = Config(
-            connect_timeout=cfg.connect_timeout_s,
-            read_timeout=cfg.read_timeout_s,
-            retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
-            max_pool_connections=cfg.max_inflight,
-            s3={"addressing_style": "path" if cfg.endpoint_override else "auto"},
-        )
-        self._client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=cfg.endpoint_url,
-            region_name=cfg.region,
-            aws_access_key_id=cfg.access_key.get_secret_value() if cfg.access_key else None,
-            aws_secret_access_key=cfg.secret_key.get_secret_value() if cfg.secret_key else None,
-            config=config,
-        )
+        self._client = s3_client(cfg)
         self._pool = ThreadPoolExecutor(cfg.max_inflight, thread_name_prefix=f"tier-{self.name}")
 
     def get(self, namespace: str, keys: Sequence[bytes]) -> list[SealedBlock | None]:
@@ -109,13 +101,18 @@ class ObjTier(Tier):
     def _get_one(self, name: str) -> SealedBlock | None:
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=name)
+            body = response["Body"]
             if _expired(response.get("Metadata", {}), time.time()):
                 # Past this tier's own TTL, which the frame header cannot carry (the header's expiry
                 # is under the block's checksum): gone now rather than at the next lifecycle run.
-                response["Body"].close()
+                body.close()
                 self._client.delete_object(Bucket=self.bucket, Key=name)
                 return None
-            return SealedBlock.from_frame(response["Body"].read())
+            header = SealedBlock.from_frame(body.read(HEADER_BYTES))
+            if header.length < 0:
+                body.close()
+                return header
+            return SealedBlock(body.read(), header.checksum, header.length, header.expires_at)
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in _MISSING:
                 return None
@@ -150,9 +147,20 @@ class ObjTier(Tier):
         return self._call(list_all)
 
     def _parallel(self, fn: Callable[..., T], items: Sequence) -> list[T]:
+        """`fn` of every item, up to `max_inflight` at once; every call has finished (or failed)
+        before this returns or raises, so no request of a failed batch is still running after it."""
         if len(items) <= 1:
             return [fn(item) for item in items]
-        return list(self._pool.map(fn, items))
+        futures: list[Future] = [self._pool.submit(fn, item) for item in items]
+        results, failure = [], None
+        for future in futures:
+            try:
+                results.append(future.result())
+            except TierError as error:
+                failure = failure or error
+        if failure is not None:
+            raise failure
+        return results
 
     def _call(self, fn: Callable[[], T]) -> T:
         try:
@@ -162,6 +170,29 @@ class ObjTier(Tier):
 
     def _tier_error(self, error: Exception) -> TierError:
         return TierError(f"object store {self._where}: {type(error).__name__}: {error}")
+
+
+def s3_client(cfg: ObjTierConfig):
+    """The boto3 client of an `obj` tier: short timeouts, few retries, a connection pool of
+    `max_inflight`, botocore's redundant body CRC off (see the module docstring). `kvstore bench`
+    times raw get_object calls with this same client."""
+    config = Config(
+        connect_timeout=cfg.connect_timeout_s,
+        read_timeout=cfg.read_timeout_s,
+        retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+        max_pool_connections=cfg.max_inflight,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3={"addressing_style": "path" if cfg.endpoint_override else "auto"},
+    )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=cfg.endpoint_url,
+        region_name=cfg.region,
+        aws_access_key_id=cfg.access_key.get_secret_value() if cfg.access_key else None,
+        aws_secret_access_key=cfg.secret_key.get_secret_value() if cfg.secret_key else None,
+        config=config,
+    )
 
 
 def _expired(metadata: dict[str, str], now: float) -> bool:

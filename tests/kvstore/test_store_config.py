@@ -44,6 +44,16 @@ def test_json_and_s3_alias(tmp_path):
         ([{"type": "tape"}], "tiers.0: Input tag 'tape' found using 'type' does not match"),
         ([{"type": "memory"}, {"type": "memory"}], "tier names must be unique; repeated: ['memory']"),
         ([{"type": "obj", "bucket": "b", "access_key": "AKIDSECRET"}], "access_key and secret_key must be given together"),
+        ([{"type": "redis", "url": "unix:///run/SECRET.sock", "cluster": True}],
+         "tiers.0.redis.cluster: a Redis Cluster is reached over redis:// or rediss://"),
+        ([{"type": "redis", "url": "redis://:SECRET@h:1/2", "cluster": True}],
+         "tiers.0.redis.cluster: a Redis Cluster has only database 0"),
+        ([{"type": "redis", "url": "redis://:SECRET@h:1?db=5", "cluster": True}],
+         "tiers.0.redis.cluster: a Redis Cluster has only database 0"),
+        ([{"type": "redis", "cluster": "sometimes"}], "tiers.0.redis.cluster: Input should be a valid boolean"),
+        ([{"type": "redis", "pool_size": 2, "batch_connections": 3}],
+         "tiers.0.redis.batch_connections: must be at most pool_size"),
+        ([{"type": "redis", "batch_connections": 0}], "tiers.0.redis.batch_connections: Input should be greater than"),
     ],
 )
 def test_bad_tiers_name_the_key(tiers, message):
@@ -63,6 +73,14 @@ def test_bad_file_reports_position_not_content(tmp_path):
     top.write_text("listen: 1.2.3.4:5\nlisten_port: 7\n")
     with pytest.raises(ConfigError, match="listen_port: Extra inputs are not permitted"):
         load_store_config(top)
+
+
+def test_redis_cluster_and_batch_keys():
+    (single, cluster) = parse_tiers([{"type": "redis"},
+                                     {"type": "redis", "name": "c", "url": "rediss://:pw@node:7000/0", "cluster": True,
+                                      "pool_size": 8, "batch_connections": 8}])
+    assert (single.cluster, single.batch_connections, single.pool_size) == (False, 2, 16)
+    assert (cluster.cluster, cluster.batch_connections) == (True, 8)
 
 
 def test_redis_url_password_hidden():
