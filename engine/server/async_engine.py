@@ -9,6 +9,11 @@ A step that raises fails the requests in the core with a 500 and the thread goes
 ones: one bad request must not take the server down. Only when steps keep failing (a broken device)
 or something other than an `Exception` escapes does the engine die; then every request fails, the
 server reports unhealthy and `on_dead` runs (the CLI stops the process so a supervisor restarts it).
+
+Every `log_stats_interval_s` (10 s, as vLLM) the event loop logs vLLM's stats line ("Avg prompt
+throughput: ... tokens/s, ..."): at INFO while tokens were processed in this interval or the one
+before (so the line showing the return to 0 appears), otherwise at DEBUG, as vLLM does. `log_stats=False`
+is vLLM's --disable-log-stats.
 """
 
 from __future__ import annotations
@@ -69,12 +74,17 @@ class _Timing:
 class AsyncEngine:
     """Serves concurrent requests from asyncio on one `EngineCore` stepped by a dedicated thread."""
 
-    def __init__(self, core: EngineCore, tokenizer, metrics: ServerMetrics, max_waiting_requests: int) -> None:
+    def __init__(self, core: EngineCore, tokenizer, metrics: ServerMetrics, max_waiting_requests: int, *,
+                 log_stats: bool = True, log_stats_interval_s: float = 10.0) -> None:
         self.core = core
         self.tokenizer = tokenizer
         self.metrics = metrics
         if core.connector is not None:
-            metrics.add_registry(core.connector.metrics.registry)
+            metrics.attach_connector(core.connector.metrics, _tier_names(core.connector.store))
+        self.log_stats = log_stats
+        self.log_stats_interval_s = log_stats_interval_s
+        self._stats_logger: _StatsLogger | None = None
+        self._stats_task: asyncio.Task | None = None
         self.max_waiting_requests = max_waiting_requests
         self.max_model_len: int = core.max_model_len
         self.vocab_size: int = core.model_config.vocab_size
@@ -103,9 +113,14 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
         self._thread.start()
+        if self.log_stats:
+            self._stats_logger = _StatsLogger(self.metrics, time.monotonic())
+            self._stats_task = self._loop.create_task(self._log_stats_loop())
 
     async def stop(self) -> None:
         """Abort what is still in flight, then let the engine thread finish its step and exit."""
+        if self._stats_task is not None:
+            self._stats_task.cancel()
         in_flight = list(self._timings)
         for request_id in list(self._streams):
             self._fail(request_id, EngineDeadError("the server is shutting down"))
@@ -120,6 +135,14 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    async def _log_stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.log_stats_interval_s)
+            try:
+                self._stats_logger.log(time.monotonic(), self._stats, self.num_waiting())
+            except Exception:  # noqa: BLE001 - a broken stats line must not stop the next ones
+                logger.exception("logging the engine stats failed")
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -263,6 +286,7 @@ class AsyncEngine:
             return
         if timing.last_token is None:
             self.metrics.time_to_first_token.observe(now - timing.arrival)
+            self.metrics.observe_first_token(out.num_cached_tokens)
         else:
             self.metrics.inter_token_latency.observe(now - timing.last_token)
         timing.last_token = now
@@ -277,6 +301,58 @@ class AsyncEngine:
             self._fail(request_id, EngineDeadError(f"the engine failed: {err!r}"))
         if self.on_dead is not None:
             self.on_dead(err)
+
+
+def _tier_names(store) -> list[str]:
+    """The offload store's tier names (the connector's per-tier label values); [] if it cannot say."""
+    try:
+        names = getattr(store, "tier_names", None)
+        return list(names if names is not None else store.health())
+    except Exception:  # noqa: BLE001 - the series then appear with their first sample instead
+        logger.warning("could not list the offload store's tiers for /metrics", exc_info=True)
+        return []
+
+
+class _StatsLogger:
+    """vLLM's periodic stats line, from the server metrics' running totals.
+
+    Throughputs are over the interval since the last line; the hit rates over the last interval
+    that queried the cache (vLLM's are over recent requests: neither drops to 0 while idle).
+    """
+
+    def __init__(self, metrics: ServerMetrics, now: float) -> None:
+        self.metrics = metrics
+        self._last_time = now
+        self._last = metrics.totals()
+        self._last_throughputs = (0.0, 0.0)
+        self._hit_rate = 0.0
+        self._external_hit_rate = 0.0
+
+    def log(self, now: float, stats: SchedulerStats, num_waiting: int) -> None:
+        totals = self.metrics.totals()
+        delta = {name: totals[name] - self._last.get(name, 0) for name in totals}
+        elapsed = now - self._last_time
+        self._last, self._last_time = totals, now
+        throughputs = tuple(delta[name] / elapsed if elapsed > 0 else 0.0
+                            for name in ("prompt_tokens", "generation_tokens"))
+        idle = not any(throughputs + self._last_throughputs)
+        self._last_throughputs = throughputs
+        if delta["prefix_cache_queries"] > 0:
+            self._hit_rate = delta["prefix_cache_hits"] / delta["prefix_cache_queries"]
+        if delta["external_prefix_cache_queries"] > 0:
+            self._external_hit_rate = delta["external_prefix_cache_hits"] / delta["external_prefix_cache_queries"]
+        parts = ["Avg prompt throughput: %.1f tokens/s", "Avg generation throughput: %.1f tokens/s",
+                 "Running: %d reqs", "Waiting: %d reqs"]
+        args: list[float] = [*throughputs, stats.num_running, num_waiting]
+        if delta["num_preemptions"] > 0:
+            parts.append("Preemptions: %d")
+            args.append(delta["num_preemptions"])
+        parts += ["GPU KV cache usage: %.1f%%", "Prefix cache hit rate: %.1f%%"]
+        args += [stats.kv_cache_usage * 100, self._hit_rate * 100]
+        if self.metrics.has_connector:
+            parts.append("External prefix cache hit rate: %.1f%%")
+            args.append(self._external_hit_rate * 100)
+        logger.log(logging.DEBUG if idle else logging.INFO, ", ".join(parts), *args)
 
 
 class RequestStream:
