@@ -35,6 +35,7 @@ class ServeConfig:
     max_request_body_bytes: int = 16 << 20
     shutdown_timeout: float = 10.0
     log_level: str = "info"
+    log_stats: bool = True
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="answer 413 to a larger request body, refused before it is read (default 16 MiB)")
     server.add_argument("--shutdown-timeout", type=float,
                         help="seconds in-flight requests get to finish after SIGTERM (default 10)")
+    server.add_argument("--disable-log-stats", action=argparse.BooleanOptionalAction,
+                        help="no periodic stats line (throughput, queue, KV usage, cache hit rates)")
     server.add_argument("--uvicorn-log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
     engine = p.add_argument_group("engine")
     engine.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
@@ -191,4 +194,5 @@ def _serve_config(args: dict[str, Any]) -> ServeConfig:
         max_request_body_bytes=max_body,
         shutdown_timeout=shutdown_timeout,
         log_level=args.get("uvicorn_log_level", "info"),
+        log_stats=not args.get("disable_log_stats", False),
     )

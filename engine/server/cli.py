@@ -36,7 +36,7 @@ def serve_core(core, tokenizer, config: ServeConfig) -> FastAPI:
 
     names = config.served_model_names or (core.model_config.name,)
     max_waiting = config.max_waiting_requests or 4 * core.config.max_num_seqs
-    engine = AsyncEngine(core, tokenizer, ServerMetrics(names[0]), max_waiting)
+    engine = AsyncEngine(core, tokenizer, ServerMetrics(names[0]), max_waiting, log_stats=config.log_stats)
     return build_app(engine, names, core.model_config.path, config.api_key,
                      max_request_body_bytes=config.max_request_body_bytes)
 

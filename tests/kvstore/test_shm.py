@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from fixtures_services import free_port
 from kvstore import slab_client
@@ -361,3 +363,16 @@ def test_bench_measures_the_slab_beside_payloads(tmp_path, capsys):
     assert "--shm: the daemon's slab cannot be used (AttachSlab: FAILED_PRECONDITION" in capsys.readouterr().err
     assert main(["bench", "--shm", "--block-sizes", "64KiB", "--blocks", "2"]) == 2
     assert "--shm measures the slab of a daemon on this host: give --url" in capsys.readouterr().err
+
+
+def test_blocks_engines_commit_to_the_slab_show_in_the_tier_gauges_without_a_stats_call():
+    with running_daemon(slab(), metrics_port=0) as (handle, url), SlabClient(url) as client:
+        _write(client, [0, 1, 2])
+
+        def held() -> dict[str, float]:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics", timeout=10).read()
+            return {s.name: s.value for family in text_string_to_metric_families(text.decode())
+                    for s in family.samples if s.labels.get("tier") == "memory" and s.name in
+                    ("kvstore_tier_blocks", "kvstore_tier_bytes")}
+
+        assert held() == {"kvstore_tier_blocks": 3, "kvstore_tier_bytes": 3 * SLOT}

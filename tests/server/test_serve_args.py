@@ -100,3 +100,12 @@ def test_cli_reports_bad_arguments_with_exit_status_2(capsys):
 
     assert main(["--kv-transfer-config", "{"]) == 2
     assert "tierkv serve: error: argument --kv-transfer-config: not valid JSON" in capsys.readouterr().err
+
+
+def test_disable_log_stats_as_a_flag_and_a_config_key(tmp_path):
+    assert parse_serve_args([]).log_stats is True
+    assert parse_serve_args(["--disable-log-stats"]).log_stats is False
+    config = tmp_path / "serve.yaml"
+    config.write_text("disable-log-stats: true\n")
+    parsed = parse_serve_args(["--config", str(config)])
+    assert parsed.log_stats is False and parsed.engine.model is None
