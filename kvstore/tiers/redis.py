@@ -11,6 +11,10 @@ costs one refused connect, not seconds.
 Throughput: a get or put of several blocks is cut into `batch_connections` contiguous pipelines
 (balanced by bytes for puts) that run at once, each on its own pooled connection, so one
 connection's parsing in Python overlaps the server's sends and another connection's socket reads.
+(On the 2-core VM with Redis on loopback, 1, 2, 4 and 8 connections were within the noise of each
+other, 0.20-0.25 GB/s for gets of 11 MiB blocks: there the client is CPU-bound in redis-py's reply
+parser and the server shares the cores. Gets run at 0.8-1.3x bare pipelined redis-py GETs of the
+same values; docs/performance.md.)
 With `cluster: true` the client is redis-py's `RedisCluster` (same URL shape, any one node): each of
 those pipelines is a cluster pipeline, which groups its commands per node and writes to every node
 before reading, and SCAN walks every primary.

@@ -29,17 +29,22 @@ def payload(i: int, size: int) -> bytes:
     return random.Random(i).randbytes(size)
 
 
-def track_concurrency(store: TieredStore) -> dict:
-    """Count GetObject calls in flight at once, each held 30 ms before it is sent so that calls the
-    pool runs together overlap for sure."""
-    state = {"now": 0, "max": 0}
+def track_concurrency(store: TieredStore, expected: int) -> dict:
+    """Count GetObject calls in flight at once. The first `expected` calls wait for each other
+    before they are sent (a barrier, 5 s at most), so if the tier runs that many together they
+    overlap for sure; if it runs fewer, the barrier breaks and those gets fail."""
+    state = {"now": 0, "max": 0, "calls": 0}
     lock = threading.Lock()
+    first_wave = threading.Barrier(expected, timeout=5)
 
     def before(**_):
         with lock:
             state["now"] += 1
             state["max"] = max(state["max"], state["now"])
-        time.sleep(0.03)
+            state["calls"] += 1
+            waits = state["calls"] <= expected
+        if waits:
+            first_wave.wait()
 
     def after(**_):
         with lock:
@@ -58,7 +63,7 @@ def test_batches_of_mib_blocks_round_trip_exact_bytes(s3_bucket, inflight):
     blocks = [(key(i), payload(i, size)) for i, size in enumerate(sizes)]
     with TieredStore([obj_tier(endpoint, bucket, key_prefix="par/", max_inflight=inflight)]) as store:
         assert store.put(NS, blocks) == len(blocks)
-        concurrency = track_concurrency(store)
+        concurrency = track_concurrency(store, inflight)
         asked = [key(100), *(key(i) for i in reversed(range(len(sizes)))), key(101)]
         assert store.get(NS, asked) == [None, *(value for _, value in reversed(blocks)), None]
         assert concurrency["max"] == inflight

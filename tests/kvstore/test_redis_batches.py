@@ -48,6 +48,9 @@ def test_batches_of_mib_blocks_round_trip_exact_bytes(own_redis, connections):
     with TieredStore([tier]) as store:
         assert store.put(NS, blocks) == len(blocks)
         asked = [key(100), *(key(i) for i in reversed(range(len(sizes)))), key(101)]
+        # Redis holds every command for 0.3 s, so each pipeline of the get is in flight at once and
+        # needs a connection of its own: as many connections end on a GET as the batch was cut into.
+        redis.Redis.from_url(url).client_pause(300, all=True)
         assert store.get(NS, asked) == [None, *(value for _, value in reversed(blocks)), None]
         assert get_connections(url) == connections
         assert store.lookup(NS, [key(i) for i in range(len(sizes))] + [key(102)]) == LookupResult(

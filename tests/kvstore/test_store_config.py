@@ -79,7 +79,7 @@ def test_redis_cluster_and_batch_keys():
     (single, cluster) = parse_tiers([{"type": "redis"},
                                      {"type": "redis", "name": "c", "url": "rediss://:pw@node:7000/0", "cluster": True,
                                       "pool_size": 8, "batch_connections": 8}])
-    assert (single.cluster, single.batch_connections, single.pool_size) == (False, 2, 16)
+    assert (single.cluster, single.batch_connections, single.pool_size) == (False, 4, 16)
     assert (cluster.cluster, cluster.batch_connections) == (True, 8)
 
 
