@@ -234,14 +234,15 @@ class RawRedis:
         self.client.close()
 
     def _each_run(self, names: list[bytes], queue: Callable[[object, int], object]) -> list:
+        from kvstore.tiers.redis import split_runs
+
         def run(indexes: range) -> list:
             with self.client.pipeline(transaction=False) as pipe:
                 for i in indexes:
                     queue(pipe, i)
                 return pipe.execute()
 
-        step = -(-len(names) // self.parallel)
-        runs = [range(i, min(i + step, len(names))) for i in range(0, len(names), step)]
+        runs = [range(start, end) for start, end in split_runs(len(names), [1] * len(names), self.parallel)]
         return [value for part in self.workers.map(run, runs) for value in part]
 
 

@@ -232,7 +232,7 @@ class RedisTier(Tier):
         equal weight, each its own pipeline on its own connection, all at once; results in item order.
         Every pipeline has finished (or failed) before this returns or raises, so none is left
         holding a connection."""
-        runs = _split(len(items), weights, self._fanout)
+        runs = split_runs(len(items), weights, self._fanout)
         if len(runs) <= 1:
             return self._pipelined(items, queue)
         futures = [self._workers.submit(self._pipelined, items[start:end], queue) for start, end in runs[1:]]
@@ -266,8 +266,9 @@ def connection_options(cfg: RedisTierConfig) -> dict:
             "retry": Retry(NoBackoff(), 0)}
 
 
-def _split(count: int, weights: Sequence[int], parts: int) -> list[tuple[int, int]]:
-    """[start, end) runs of at most `parts` that cut `count` items into about equal total weight."""
+def split_runs(count: int, weights: Sequence[int], parts: int) -> list[tuple[int, int]]:
+    """[start, end) runs, at most `parts`, that cut `count` items into about equal total weight
+    (`kvstore bench`'s bare client cuts its calls with it too, so both run the same pipelines)."""
     parts = min(parts, count)
     if parts <= 1:
         return [(0, count)] if count else []
