@@ -58,7 +58,10 @@ def parse_bytes(value: int | str) -> int:
     if isinstance(value, str):
         match = _SIZE_RE.match(value)
         if match and match.group(2).lower() in _UNITS:
-            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+            size = float(match.group(1)) * _UNITS[match.group(2).lower()]
+            if size >= 2**63:   # also inf: a float() of over 308 digits
+                raise ValueError("expected a byte size below 8 EiB")
+            return int(size)
     raise ValueError("expected a byte size such as 8GiB, 512MiB or an integer")
 
 
@@ -303,6 +306,8 @@ def load_store_config(path: str | Path) -> StoreConfig:
         raise ConfigError(f"cannot read kvstore config {path}: {error.strerror}") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"kvstore config {path} is nested too deeply") from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"kvstore config {path} is not valid JSON: {error.msg} at line {error.lineno}") from None
     except yaml.YAMLError as error:

@@ -113,6 +113,10 @@ def parse_kv_transfer_config(value: str | dict) -> KVTransferConfig:
             value = json.loads(value)
         except json.JSONDecodeError as e:
             raise ConfigError(f"kv_transfer_config: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        except RecursionError:
+            raise ConfigError("kv_transfer_config: nested too deeply") from None
+        except ValueError as e:   # an integer of more digits than Python converts
+            raise ConfigError(f"kv_transfer_config: not valid JSON ({e})") from None
     if not isinstance(value, dict):
         raise ConfigError("kv_transfer_config: expected a JSON object")
     try:

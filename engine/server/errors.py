@@ -57,7 +57,9 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def unknown_model(model: str) -> APIError:
     """An unknown model name: 400 (issue 3's rule) with vLLM's wording, code and param."""
-    return APIError(f"The model `{model}` does not exist.", HTTPStatus.BAD_REQUEST, param="model", code="model_not_found")
+    # Echoed escaped where it is not valid UTF-8 (a lone surrogate): the reply must still encode.
+    shown = model.encode("utf-8", "backslashreplace").decode("utf-8")
+    return APIError(f"The model `{shown}` does not exist.", HTTPStatus.BAD_REQUEST, param="model", code="model_not_found")
 
 
 def invalid_api_key() -> APIError:

@@ -50,7 +50,10 @@ def completion_input(req: CompletionRequest, tokenizer, max_model_len: int, voca
     prompt = req.single_prompt()
     if isinstance(prompt, str):
         _check_prompt_chars(len(prompt), max_chars, max_model_len, "prompt")
-        text, token_ids = prompt, tokenizer.encode(prompt, add_special_tokens=True)
+        try:
+            text, token_ids = prompt, tokenizer.encode(prompt, add_special_tokens=True)
+        except (TypeError, ValueError, UnicodeError) as err:   # e.g. a lone surrogate (JSON "\ud800")
+            raise bad_request(f"The prompt cannot be tokenized: {type(err).__name__}.", param="prompt") from None
     else:
         text, token_ids = None, list(prompt)
         bad = [t for t in token_ids if not 0 <= t < vocab_size]

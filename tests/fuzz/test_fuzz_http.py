@@ -274,7 +274,7 @@ def test_http_raw_bodies_fuzz(server, endpoint, raw, content_type):
     post(server, f"raw.{endpoint}", PATHS[endpoint], content=raw, headers=headers)
 
 
-# ---- what the fuzzing found (xfail until fixed; see tests/fuzz/test_fuzz_regressions.py) ----------
+# ---- what the fuzzing found (regressions; see tests/fuzz/test_fuzz_regressions.py) ----------------
 
 def fresh_post(srv: Server, path: str, raw: bytes) -> httpx.Response:
     # A new connection: after a 500 the server drops the keep-alive connection (Starlette re-raises
@@ -290,18 +290,12 @@ def fresh_post(srv: Server, path: str, raw: bytes) -> httpx.Response:
     return response
 
 
-@pytest.mark.xfail(strict=True, reason="a completion prompt with a lone surrogate (JSON \\ud800) is a 500 "
-                                       "'Internal server error: TypeError': the tokenizer's encode raises TypeError "
-                                       "in engine/server/inputs.py completion_input")
 def test_http_completion_prompt_with_lone_surrogate_is_a_400(server):
     response = fresh_post(server, "/v1/completions", b'{"prompt": "\\ud800", "max_tokens": 1}')
     check_response(response)
     assert response.status_code == 400
 
 
-@pytest.mark.xfail(strict=True, reason="an unknown model name with a lone surrogate (JSON \\ud800) is a 500 "
-                                       "'Internal server error: UnicodeEncodeError': unknown_model echoes the name "
-                                       "and JSONResponse cannot encode it as UTF-8 (the connection is then dropped)")
 def test_http_model_name_with_lone_surrogate_is_a_400(server):
     response = fresh_post(server, "/v1/completions", b'{"prompt": "a", "max_tokens": 1, "model": "\\ud800"}')
     check_response(response)
