@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvstore import metrics
@@ -252,6 +253,10 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
     context.abort(code, message)
 
 
+class _Unparsable:
+    """Stands in for request bytes that are not the method's message."""
+
+
 class _Oversized:
     """Stands in for a request too large for its method, which is left unparsed."""
 
@@ -301,13 +306,21 @@ class CallLimitsInterceptor(grpc.ServerInterceptor):
 
 def _size_checked(deserializer, limit: int):
     def parse(data: bytes):
-        return _Oversized(len(data), limit) if len(data) > limit else deserializer(data)
+        if len(data) > limit:
+            return _Oversized(len(data), limit)
+        try:
+            return deserializer(data)
+        except DecodeError:
+            # gRPC would answer INTERNAL ("Exception deserializing request!"): it is the caller's bytes.
+            return _Unparsable()
 
     return parse
 
 
 def _admit(request, context: grpc.ServicerContext, method: str, gates) -> list[threading.BoundedSemaphore]:
     """The semaphores taken for this call; aborts the call when it may not run."""
+    if isinstance(request, _Unparsable):
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {method} request message")
     if isinstance(request, _Oversized):
         _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                f"request: {request.size} bytes, the limit for {method} is {request.limit} bytes (from max_keys_per_call, max_key_bytes and max_namespace_len)")

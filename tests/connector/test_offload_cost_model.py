@@ -41,7 +41,9 @@ def test_a_slow_tier_is_recomputed_instead_of_loaded(tiny_model, cold, redis_url
     host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
     proxy = SlowProxy((host, int(port)), delay_s=0.015)
     try:
-        tier = {"type": "redis", "url": f"redis://127.0.0.1:{proxy.port}/0", "key_prefix": "cost-model:"}
+        # One connection: the proxy slows each connection alone, and the tier would spread a batch over several.
+        tier = {"type": "redis", "url": f"redis://127.0.0.1:{proxy.port}/0", "key_prefix": "cost-model:",
+                "batch_connections": 1}
         llm = make_llm(tiny_model, kv_config(cpu_bytes_to_use=0, secondary_tiers=[tier], load_cost_model=True))
         core = llm.engine.core
         metrics = core.connector.metrics

@@ -277,9 +277,6 @@ def test_grpc_raw_bytes_fuzz(daemon, method, raw, more):
 
 # ---- what the fuzzing found (xfail until fixed; see tests/fuzz/test_fuzz_regressions.py) ----------
 
-@pytest.mark.xfail(strict=True, reason="bytes that are not a LookupRequest (b'\\xff') get INTERNAL 'Exception "
-                                       "deserializing request!' from gRPC Python, not INVALID_ARGUMENT: the "
-                                       "daemon's deserializers (CallLimitsInterceptor) let the DecodeError through")
 def test_grpc_unparsable_unary_request_is_invalid_argument(daemon):
     call = daemon.channel.unary_unary(f"/{SERVICE_NAME}/Lookup", request_serializer=None, response_deserializer=None)
     with pytest.raises(grpc.RpcError) as raised:
