@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
+from kvstore.rpc_handlers import behavior_of, rewrapped
+
 log = logging.getLogger(__name__)
 
 # Blocks are MiBs: a Get of 8 MiB over loopback takes milliseconds, a cold S3 read up to seconds.
@@ -50,20 +52,8 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        if handler.response_streaming:
-            behavior = handler.unary_stream or handler.stream_stream
-            wrapped = _timed_stream(behavior, method)
-        else:
-            behavior = handler.unary_unary or handler.stream_unary
-            wrapped = _timed_unary(behavior, method)
-        factory = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(handler.request_streaming, handler.response_streaming)]
-        return factory(wrapped, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        timed = _timed_stream if handler.response_streaming else _timed_unary
+        return rewrapped(handler, timed(behavior_of(handler), method))
 
 
 def _observe(method: str, start: float, context: grpc.ServicerContext, failed: bool) -> None:

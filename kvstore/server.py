@@ -32,6 +32,7 @@ from kvstore.config import ConfigError, StoreConfig
 from kvstore.limits import LimitError, Limits
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.rpc_handlers import behavior_of, rewrapped
 from kvstore.slab_sessions import CommitEntry, SlabError, SlabSessions
 from kvstore.store import TieredStore
 from kvstore.streaming import CHUNK_BYTES, BlockAssembler, IdleWatchdog, StreamIdle, block_messages
@@ -291,17 +292,8 @@ class CallLimitsInterceptor(grpc.ServerInterceptor):
         if method == "Put":
             gates.append((self._puts, f"{self._max_calls // 2} Put streams are running (half of "
                                       f"max_concurrent_rpcs)"))
-        if handler.response_streaming:
-            behavior = _gated_stream(handler.unary_stream or handler.stream_stream, method, gates)
-        else:
-            behavior = _gated_unary(handler.unary_unary or handler.stream_unary, method, gates)
-        factory = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(handler.request_streaming, handler.response_streaming)]
-        return factory(behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+        gated = _gated_stream if handler.response_streaming else _gated_unary
+        return rewrapped(handler, gated(behavior_of(handler), method, gates), deserializer)
 
 
 def _size_checked(deserializer, limit: int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import time
 from dataclasses import dataclass, field
 
@@ -32,3 +33,13 @@ class LoadJob:
 class LoadResult:
     request_id: str
     blocks_loaded: int           # leading blocks delivered intact (the rest is recomputed)
+
+
+def wait_drained(jobs: queue.Queue, timeout: float) -> bool:
+    """Wait until every job put on `jobs` is done (`task_done`); False on timeout."""
+    deadline = time.monotonic() + timeout
+    while jobs.unfinished_tasks:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.002)
+    return True

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -52,6 +56,15 @@ class ConnectorMetrics:
 
     def observe(self, metric: Histogram, value: float) -> None:
         metric.labels(model_name=self._model).observe(value)
+
+    def count_saved(self, stored: int, wanted: int, block_bytes: int) -> None:
+        """What came of saving `wanted` blocks: `stored` kept; fewer means every tier meant for the
+        rest refused it (down, full)."""
+        if stored < wanted:
+            self.inc(self.store_errors, op="put")
+            logger.warning("the store kept %d of %d block(s)", stored, wanted)
+        self.inc(self.saved_blocks, stored)
+        self.inc(self.bytes_saved, stored * block_bytes)
 
     def observe_phase(self, phase: str, value: float) -> None:
         self.load_phase_seconds.labels(model_name=self._model, phase=phase).observe(value)

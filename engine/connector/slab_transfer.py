@@ -27,7 +27,7 @@ import torch
 
 from engine.connector.cost_model import CostModel
 from engine.connector.embedded_store import EmbeddedStore
-from engine.connector.jobs import LoadJob, LoadResult, SaveJob
+from engine.connector.jobs import LoadJob, LoadResult, SaveJob, wait_drained
 from engine.connector.metrics import ConnectorMetrics
 from engine.connector.slab_copies import GatheredSave, SlabCopies
 from kvstore.checksum import block_tag
@@ -136,20 +136,11 @@ class SlabTransfer:
         expires_at = time.time() + job.ttl_s if job.ttl_s is not None else None
         checksums = [s ^ block_tag(self.namespace, key, self.block_bytes, expires_at) for key, s in zip(job.keys, sums)]
         stored = self.store.commit(self.namespace, job.keys, slots, checksums, expires_at, job.tiers)
-        if stored < len(slots):
-            self.metrics.inc(self.metrics.store_errors, op="put")
-            logger.warning("the store kept %d of %d block(s)", stored, len(slots))
-        self.metrics.inc(self.metrics.saved_blocks, stored)
-        self.metrics.inc(self.metrics.bytes_saved, stored * self.block_bytes)
+        self.metrics.count_saved(stored, len(slots), self.block_bytes)
 
     def flush(self, timeout: float) -> bool:
         """Wait until every issued save is committed (or failed); False on timeout."""
-        deadline = time.monotonic() + timeout
-        while self._saves.unfinished_tasks:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.002)
-        return True
+        return wait_drained(self._saves, timeout)
 
     # --- load -----------------------------------------------------------------------------------
     def start_load(self, job: LoadJob) -> None:

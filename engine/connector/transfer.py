@@ -30,7 +30,7 @@ from functools import partial
 import torch
 
 from engine.connector.cost_model import CostModel
-from engine.connector.jobs import LoadJob, LoadResult, SaveJob
+from engine.connector.jobs import LoadJob, LoadResult, SaveJob, wait_drained
 from engine.connector.metrics import ConnectorMetrics
 from engine.connector.store_backend import BlockStore
 from kernels import gather_blocks, scatter_blocks
@@ -169,21 +169,12 @@ class BlockTransfer:
             self.metrics.inc(self.metrics.store_errors, op="put")
             logger.warning("saving %d block(s) to the store failed: %s", count, e)
             return
-        if stored < count:  # every tier it was meant for refused it (down, full)
-            self.metrics.inc(self.metrics.store_errors, op="put")
-            logger.warning("the store kept %d of %d block(s)", stored, count)
         self.metrics.observe(self.metrics.save_seconds, time.perf_counter() - start)
-        self.metrics.inc(self.metrics.saved_blocks, stored)
-        self.metrics.inc(self.metrics.bytes_saved, stored * self.block_bytes)
+        self.metrics.count_saved(stored, count, self.block_bytes)
 
     def flush(self, timeout: float) -> bool:
         """Wait until every staged save has reached the store (or failed); False on timeout."""
-        deadline = time.monotonic() + timeout
-        while self._saves.unfinished_tasks:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        return wait_drained(self._saves, timeout)
 
     # --- load -----------------------------------------------------------------------------------
     def start_load(self, job: LoadJob) -> None:
