@@ -57,7 +57,6 @@ class _Load:
     ok: torch.Tensor | None = None            # per block: checksum matched (host, once `event` is done)
     event: torch.cuda.Event | None = None
     head_ok: bool | None = None               # the first block, checked on the host (partly cached on the GPU)
-    issued: bool = False
     cancelled: bool = False
     fetched_s: float = 0.0                    # phases, for the per-load log line and metrics
     issued_s: float = 0.0
@@ -179,7 +178,6 @@ class SlabTransfer:
                 self.store.release([b.slot for b in load.blocks])
                 load.blocks, load.ok, load.event = [], None, None
             with self._issued_changed:
-                load.issued = True
                 self._issued.append(load)
                 self._issued_changed.notify_all()
 
