@@ -21,7 +21,7 @@ class APIError(Exception):
         status: int = HTTPStatus.BAD_REQUEST,
         *,
         param: str | None = None,
-        code: str | None = None,
+        code: str | int | None = None,
         err_type: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
@@ -56,10 +56,15 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def unknown_model(model: str) -> APIError:
-    """An unknown model name: 400 (issue 3's rule) with vLLM's wording, code and param."""
+    """An unknown model name: 404 exactly as vLLM answers it (type `NotFoundError`, the status as `code`).
+
+    vLLM's clients and dashboards key on this body, so it keeps vLLM's shape rather than this
+    module's usual string codes.
+    """
     # Echoed escaped where it is not valid UTF-8 (a lone surrogate): the reply must still encode.
     shown = model.encode("utf-8", "backslashreplace").decode("utf-8")
-    return APIError(f"The model `{shown}` does not exist.", HTTPStatus.BAD_REQUEST, param="model", code="model_not_found")
+    return APIError(f"The model `{shown}` does not exist.", HTTPStatus.NOT_FOUND, code=HTTPStatus.NOT_FOUND.value,
+                    err_type="NotFoundError")
 
 
 def invalid_api_key() -> APIError:

@@ -81,13 +81,18 @@ def test_malformed_json_is_400(tiny_server, raw, message):
             assert error_of(response)["message"].startswith(message)
 
 
-def test_unknown_model_is_400_with_vllms_message(tiny_server):
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {**CHAT, "model": "gpt-17"}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "model": "gpt-17"}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "model": "gpt-17", "stream": True}),
+])
+def test_unknown_model_is_404_as_vllm_answers_it(tiny_server, path, body):
     with tiny_server.client() as client:
-        response = client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-17"})
-        assert response.status_code == 400
-        assert error_of(response) == {"message": "The model `gpt-17` does not exist.", "type": "invalid_request_error",
-                                      "param": "model", "code": "model_not_found"}
-        assert client.post("/v1/chat/completions", json={**CHAT, "model": "llama"}).status_code == 200
+        response = client.post(path, json=body)
+        assert response.status_code == 404
+        assert response.json() == {"error": {"message": "The model `gpt-17` does not exist.", "type": "NotFoundError",
+                                              "param": None, "code": 404}}
+        assert client.post(path, json={**body, "model": "llama"}).status_code == 200
 
 
 def test_unknown_path_and_method_are_openai_shaped(tiny_server):
