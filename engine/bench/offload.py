@@ -33,24 +33,21 @@ reads them from the request's metadata.
 from __future__ import annotations
 
 import argparse
-import logging
 import random
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
 import torch
 
-from engine.bench import common
+from engine.bench import common, services
+from engine.bench.trace import profiled
 from engine.connector.policy import Decision, RequestInfo
-from engine.models.config import resolve_model_path
+from engine.models.config import load_model_config, resolve_model_path
 from engine.sampling.params import SamplingParams
+from kvstore.config import parse_bytes
 
 _FLUSH_S = 300.0
 
@@ -136,6 +133,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "its tier's data path)")
     p.add_argument("--kvstore-url", help="measure the memory tier of a kvstore daemon at this URL (grpc://host:port) "
                                          "instead of an embedded store; on this host, through its slab")
+    p.add_argument("--start-kvstore", action="store_true",
+                   help="start a kvstore daemon on this host for the run (memory tier: a --cpu-bytes slab whose "
+                        "slots hold one block) and measure it, as --kvstore-url would")
     p.add_argument("--max-pending-saves", type=int, default=None,
                    help="staged save blocks (default: enough for the longest prompt and the decodes)")
     p.add_argument("--redis-url", help="measure a Redis tier at this URL")
@@ -154,6 +154,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "so saves land mid-decode)")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per decode")
     p.add_argument("--no-load-in-flight", action="store_true", help="skip the decode-with-a-load-in-flight part")
+    p.add_argument("--trace-dir", help="after the measurements, serve one more hit of each row and one more load "
+                                       "in flight under the torch profiler; keep their traces and op tables here")
     common.add_model_arguments(p, default_model="the embedded SmolLM2-135M")
 
 
@@ -206,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         path, raw_config, random_weights = stack.enter_context(common.model_source(args))
         _check_args(args, device, raw_config)
+        args.kvstore_url = _kvstore_url(args, stack, path, dtype)
         tiers = [] if args.kvstore_url else _secondary_tiers(args, stack)
         llm = _engine(args, path, random_weights, dtype, tiers)
         stack.callback(common.close_engine, llm)
@@ -307,7 +310,20 @@ def _tier_rows(llm, args: argparse.Namespace, tiers: list[str], rng: random.Rand
             for tier in tiers:
                 _phase(f"TTFT {tier}, {n} tokens, repeat {rep + 1}/{args.repeats}")
                 runs.setdefault((tier, n), []).append(_tier_run(llm, tier, _prompt(llm, rng, n)))
+    if args.trace_dir:
+        for n in args.prompt_lens:
+            for tier in tiers:
+                _phase(f"profiled hit, {tier}, {n} tokens")
+                _traced_hit(llm, args.trace_dir, tier, _prompt(llm, rng, n))
     return [_summary(row) for row in runs.values()]
+
+
+def _traced_hit(llm, trace_dir: str, tier: str, prompt: list[int]) -> None:
+    """One more cold run and hit of `prompt`, the hit under the profiler (not in the figures)."""
+    _cold(llm, tier, prompt)
+    llm.engine.core.kv.pool.reset_prefix_cache()
+    with profiled(trace_dir, f"hit-{tier}-{len(prompt)}"):
+        _hit(llm, tier, prompt)
 
 
 def _tier_run(llm, tier: str, prompt: list[int]) -> TierRun:
@@ -482,22 +498,32 @@ def _on_over_off(decode: list[DecodeResult]) -> dict:
 def _load_in_flight(llm, args: argparse.Namespace, rng: random.Random) -> dict:
     """Decode ITL p99 while the blocks of a prompt of the longest length are loaded from the memory
     tier, over the p99 of the same decodes without it (decodes offload off). The loaded prompt is one
-    token past its whole blocks, so the step that copies them into pages computes just that token."""
+    token past its whole blocks, so the step that copies them into pages computes just that token.
+    Each window's steps are kept too (their longest gap, and which step returned the loaded
+    request's token), to see which step sets the p99."""
     without: list[float] = []
     during: list[float] = []
-    steps = loaded = 0
+    windows: list[list[dict]] = []
+    loaded = 0
     for rep in range(args.repeats):
         _phase(f"decode ITL with a load in flight, repeat {rep + 1}/{args.repeats}")
         without += _steady_gaps(llm, args, rng)
         prompt = _stored_prompt(llm, rng, _in_flight_len(args))
         before = _metrics(llm)
-        gaps, window = _gaps_while_loading(llm, args, rng, prompt)
-        during += gaps
-        steps += window
+        window = _gaps_while_loading(llm, args, rng, prompt)
+        during += [gap for step in window for gap in step["gaps"]]
+        windows.append([{"max_gap_ms": max(step["gaps"], default=0.0) * 1e3, "loaded_token": step["loaded_token"]}
+                        for step in window])
         loaded += int(_delta(before, _metrics(llm), "tierkv:offload_loaded_tokens"))
+    if args.trace_dir:
+        _phase("profiled decode with a load in flight")
+        prompt = _stored_prompt(llm, rng, _in_flight_len(args))
+        with profiled(args.trace_dir, "load-in-flight"):
+            _gaps_while_loading(llm, args, rng, prompt)
     p99_without = common.percentile(without, 99) * 1e3
     p99_during = common.percentile(during, 99) * 1e3 if during else None
-    return {"prompt_tokens": _in_flight_len(args), "loaded_tokens": loaded, "window_steps": steps,
+    return {"prompt_tokens": _in_flight_len(args), "loaded_tokens": loaded,
+            "window_steps": sum(len(w) for w in windows), "windows": windows,
             "gaps_without": len(without), "gaps_during": len(during),
             "itl_mean_ms_without": statistics.fmean(without) * 1e3,
             "itl_mean_ms_during": statistics.fmean(during) * 1e3 if during else None,
@@ -532,11 +558,11 @@ def _steady_gaps(llm, args: argparse.Namespace, rng: random.Random) -> list[floa
     return steady
 
 
-def _gaps_while_loading(llm, args: argparse.Namespace, rng: random.Random,
-                        prompt: list[int]) -> tuple[list[float], int]:
-    """Once every decode has its first token, `prompt` is added (its prefix in the memory tier); the
-    decodes' gaps of the steps from then until its load has finished, and how many steps that was.
-    The decodes run until then however long the load takes, and are aborted after."""
+def _gaps_while_loading(llm, args: argparse.Namespace, rng: random.Random, prompt: list[int]) -> list[dict]:
+    """Once every decode has its first token, `prompt` is added (its prefix in the memory tier); for
+    each step from then until its load has finished, the decodes' gaps and whether it returned the
+    loaded request's token. The decodes run until then however long the load takes, and are aborted
+    after."""
     engine = llm.engine
     connector = engine.core.connector
     ids = _add_decodes(llm, args, rng, {"offload": False}, max_tokens=engine.core.max_model_len)
@@ -545,20 +571,19 @@ def _gaps_while_loading(llm, args: argparse.Namespace, rng: random.Random,
         clock.record(engine.step())
     load_id = engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0),
                                  metadata={"tiers": ["memory"]})
-    during: list[float] = []
-    steps = 0
+    window: list[dict] = []
     seen_pending, loading = False, True
     while loading and engine.has_unfinished_requests():
         outputs = engine.step()
-        during += clock.record(outputs)
-        steps += 1
+        returned = any(out.request_id == load_id for out in outputs)
+        window.append({"gaps": clock.record(outputs), "loaded_token": returned})
         pending = connector.has_pending_loads
         seen_pending |= pending
-        loading = not ((seen_pending and not pending) or any(out.request_id == load_id for out in outputs))
+        loading = not ((seen_pending and not pending) or returned)
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
-    return during, steps
+    return window
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -613,70 +638,21 @@ def _decode_lines(r: dict) -> list[str]:
 
 def _secondary_tiers(args: argparse.Namespace, stack: ExitStack) -> list[dict]:
     tiers = []
-    redis_url = _start_redis(stack) if args.start_redis else args.redis_url
+    redis_url = services.start_redis(stack) if args.start_redis else args.redis_url
     if redis_url:
         tiers.append({"type": "redis", "url": redis_url, "key_prefix": "tierkv-bench:"})
-    endpoint = _start_moto(stack) if args.start_moto else args.s3_endpoint
+    endpoint = services.start_moto(stack) if args.start_moto else args.s3_endpoint
     if endpoint:
-        _ensure_bucket(endpoint, args)
+        services.ensure_bucket(endpoint, args.s3_bucket, args.s3_access_key, args.s3_secret_key)
         tiers.append({"type": "obj", "bucket": args.s3_bucket, "endpoint_override": endpoint, "scheme": "http",
                       "access_key": args.s3_access_key, "secret_key": args.s3_secret_key})
     return tiers
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_redis(stack: ExitStack) -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("tierkv bench offload: --start-redis needs the redis-server binary on PATH")
-    port = _free_port()
-    workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tierkv-bench-redis-"))
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stack.callback(proc.wait, 10)
-    stack.callback(proc.terminate)
-    _wait_for_port(port, "redis-server")
-    return f"redis://127.0.0.1:{port}/0"
-
-
-def _start_moto(stack: ExitStack) -> str:
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        raise SystemExit("tierkv bench offload: --start-moto needs moto[server] (pip install 'moto[server]')") from None
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per S3 request otherwise
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    stack.callback(server.stop)
-    _wait_for_port(port, "moto server")
-    return f"127.0.0.1:{port}"
-
-
-def _wait_for_port(port: int, what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"tierkv bench offload: {what} did not come up on port {port} within {timeout_s} s")
-
-
-def _ensure_bucket(endpoint: str, args: argparse.Namespace) -> None:
-    import boto3
-    from botocore.exceptions import ClientError
-
-    s3 = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1",
-                      aws_access_key_id=args.s3_access_key, aws_secret_access_key=args.s3_secret_key)
-    try:
-        s3.create_bucket(Bucket=args.s3_bucket)
-    except ClientError as e:
-        if e.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-            raise
+def _kvstore_url(args: argparse.Namespace, stack: ExitStack, path: str, dtype: str) -> str | None:
+    """--kvstore-url, or the URL of a daemon started here whose slab slots hold this engine's blocks."""
+    if not args.start_kvstore:
+        return args.kvstore_url
+    cfg = load_model_config(path, dtype, load_format="dummy")
+    slot = args.offload_block_size * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * cfg.dtype.itemsize
+    return services.start_kvstore(stack, parse_bytes(args.cpu_bytes), slot)

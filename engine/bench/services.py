@@ -1,0 +1,109 @@
+"""The stores a benchmark runs against, given by URL or started here for the run: a private
+redis-server, moto's S3 server, a `kvstore serve` daemon whose memory tier is a slab."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+
+logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, what: str, timeout_s: float = 10.0) -> None:
+    """Return once something accepts connections on `port`; exit naming `what` if it never does."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"tierkv bench: {what} did not come up on port {port} within {timeout_s} s")
+
+
+def start_redis(stack: ExitStack) -> str:
+    """A private redis-server (no persistence) for the run; its URL. Stopped when `stack` closes."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("tierkv bench: --start-redis needs the redis-server binary on PATH")
+    port = free_port()
+    workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tierkv-bench-redis-"))
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stack.callback(proc.wait, 10)
+    stack.callback(proc.terminate)
+    wait_for_port(port, "redis-server")
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def start_moto(stack: ExitStack) -> str:
+    """moto's S3 server in this process for the run; its host:port."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        raise SystemExit("tierkv bench: --start-moto needs moto[server] (pip install 'moto[server]')") from None
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per S3 request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    stack.callback(server.stop)
+    wait_for_port(port, "moto server")
+    return f"127.0.0.1:{port}"
+
+
+def ensure_bucket(endpoint: str, bucket: str, access_key: str, secret_key: str) -> None:
+    """Create `bucket` on the S3 endpoint unless it exists."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    s3 = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1",
+                      aws_access_key_id=access_key, aws_secret_access_key=secret_key)
+    try:
+        s3.create_bucket(Bucket=bucket)
+    except ClientError as e:
+        if e.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise
+
+
+def start_kvstore(stack: ExitStack, slab_bytes: int, slot_bytes: int) -> str:
+    """`kvstore serve` as a separate process on this host, its memory tier a slab of `slab_bytes`
+    in slots of `slot_bytes` (the engine's offloaded block size, so the engine maps it); its URL.
+    Stopped with SIGTERM when `stack` closes, which removes the slab's /dev/shm segment."""
+    workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tierkv-bench-kvstore-"))
+    config = os.path.join(workdir, "kvstore.json")
+    with open(config, "w") as f:
+        json.dump({"tiers": [{"type": "memory", "bytes": slab_bytes, "slot_bytes": slot_bytes}]}, f)
+    proc = subprocess.Popen([sys.executable, "-m", "kvstore.cli", "--log-level", "WARNING", "serve", "--port", "0",
+                             "--grace", "0", "--config", config], stdout=subprocess.PIPE, text=True)
+    stack.callback(_stop, proc)
+    line = proc.stdout.readline()
+    if "serving on" not in line:
+        raise SystemExit(f"tierkv bench: kvstore serve did not start (exit {proc.poll()}): {line.strip()}")
+    url = f"grpc://127.0.0.1:{line.rsplit(':', 1)[1].strip()}"
+    logger.info("started kvstore serve at %s: a %d-slot slab of %d-byte slots", url, slab_bytes // slot_bytes,
+                slot_bytes)
+    return url
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
