@@ -27,6 +27,7 @@ from engine.server.chat import chat, start_chat, stream_chat
 from engine.server.completions import complete, start_completion, stream_completion
 from engine.server.errors import APIError, bad_request, from_validation_error, invalid_api_key, unknown_model
 from engine.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from engine.server.request_id import RequestIdHeader, request_id_of
 from engine.server.sse import EventStreamResponse
 from kvstore.version import package_version
 
@@ -48,6 +49,8 @@ def build_app(engine: AsyncEngine, model_names: tuple[str, ...], model_root: str
 
     app = FastAPI(title="tierkv", version=package_version(), lifespan=lifespan)
     app.add_middleware(RequestBodyLimit, max_bytes=max_request_body_bytes)
+    # Added last, so outermost: even a 413 from RequestBodyLimit carries the request's id.
+    app.add_middleware(RequestIdHeader)
     app.state.engine = engine  # for embedding code and tests: the engine this app serves
     served = model_names[0]
 
@@ -106,7 +109,7 @@ def build_app(engine: AsyncEngine, model_names: tuple[str, ...], model_root: str
         check_api_key(request)
         req = await parse_body(request, CompletionRequest)
         check_model(req.model)
-        request_id, stream = await start_completion(req, engine)
+        request_id, stream = await start_completion(req, engine, request_id_of(request))
         if req.stream:
             return EventStreamResponse(stream_completion(req, engine, served, request_id, stream))
         body = await until_disconnected(request, complete(req, engine, served, request_id, stream), stream)
@@ -117,7 +120,7 @@ def build_app(engine: AsyncEngine, model_names: tuple[str, ...], model_root: str
         check_api_key(request)
         req = await parse_body(request, ChatCompletionRequest)
         check_model(req.model)
-        request_id, stream = await start_chat(req, engine)
+        request_id, stream = await start_chat(req, engine, request_id_of(request))
         if req.stream:
             return EventStreamResponse(stream_chat(req, engine, served, request_id, stream))
         body = await until_disconnected(request, chat(req, engine, served, request_id, stream), stream)

@@ -152,11 +152,15 @@ class AsyncEngine:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, metadata: dict | None = None) -> "RequestStream":
-        """Admit a request (or raise: 503 when the waiting queue is full) and return its output stream."""
+        """Admit a request (or raise: 503 when the waiting queue is full, 400 when `request_id` is already
+        running) and return its output stream."""
         if not self.alive:
             raise EngineDeadError(f"the engine is not running: {self.error!r}")
         if self.num_waiting() >= self.max_waiting_requests:
             raise overloaded(self.num_waiting())
+        if request_id in self._streams:
+            # Clients choose ids (X-Request-Id): a second stream under one id would take the first one's outputs.
+            raise bad_request(f"Request id {request_id!r} is already running; send another X-Request-Id.")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = queue
         arrival = time.monotonic()

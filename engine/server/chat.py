@@ -13,20 +13,21 @@ from engine.server.errors import APIError
 from engine.server.inputs import chat_input
 from engine.server.logprobs import chat_logprobs
 from engine.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                                    ChatCompletionRequest, ChatCompletionResponse, DeltaMessage, random_id)
+                                    ChatCompletionRequest, ChatCompletionResponse, DeltaMessage)
 from engine.server.streaming import deltas
 
 logger = logging.getLogger(__name__)
 
 
-async def start_chat(req: ChatCompletionRequest, engine: AsyncEngine) -> tuple[str, RequestStream]:
-    """Check and admit the request; every client mistake raises here, before any response starts."""
+async def start_chat(req: ChatCompletionRequest, engine: AsyncEngine, base_id: str) -> tuple[str, RequestStream]:
+    """Check and admit the request as `chatcmpl-<base_id>`; every client mistake raises here, before any
+    response starts."""
     req.reject_unsupported()
     # On a worker thread: the template and tokenizer take seconds on a long prompt, which would
     # stall every other request (and /health) on the event loop.
     inp = await asyncio.to_thread(chat_input, req, engine.tokenizer, engine.max_model_len, engine.vocab_size,
                                   engine.max_prompt_chars)
-    request_id = random_id("chatcmpl")
+    request_id = f"chatcmpl-{base_id}"
     return request_id, engine.add_request(request_id, inp.prompt, inp.prompt_token_ids, inp.params, inp.metadata)
 
 

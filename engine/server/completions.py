@@ -12,20 +12,21 @@ from engine.server.async_engine import AsyncEngine, RequestStream
 from engine.server.errors import APIError
 from engine.server.inputs import completion_input
 from engine.server.logprobs import completion_logprobs
-from engine.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage, random_id
+from engine.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from engine.server.streaming import deltas
 
 logger = logging.getLogger(__name__)
 
 
-async def start_completion(req: CompletionRequest, engine: AsyncEngine) -> tuple[str, RequestStream]:
-    """Check and admit the request; every client mistake raises here, before any response starts."""
+async def start_completion(req: CompletionRequest, engine: AsyncEngine, base_id: str) -> tuple[str, RequestStream]:
+    """Check and admit the request as `cmpl-<base_id>`; every client mistake raises here, before any
+    response starts."""
     req.reject_unsupported()
     # On a worker thread: tokenizing a long prompt takes seconds, which would stall every other
     # request (and /health) on the event loop.
     inp = await asyncio.to_thread(completion_input, req, engine.tokenizer, engine.max_model_len,
                                   engine.vocab_size, engine.max_prompt_chars)
-    request_id = random_id("cmpl")
+    request_id = f"cmpl-{base_id}"
     return request_id, engine.add_request(request_id, inp.prompt, inp.prompt_token_ids, inp.params, inp.metadata)
 
 

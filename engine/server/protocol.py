@@ -11,7 +11,6 @@ inside the engine.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
@@ -189,11 +188,6 @@ def unsupported_field(field: str, why: str) -> APIError:
 
 
 # ---- responses -----------------------------------------------------------------------------------
-
-
-def random_id(prefix: str) -> str:
-    """An OpenAI-style object id, e.g. `cmpl-3f2a...`."""
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 class PromptTokensDetails(BaseModel):
