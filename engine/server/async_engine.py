@@ -151,7 +151,7 @@ class AsyncEngine:
         return self._stats.num_waiting + (self._num_submitted - self._num_drained)
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams, metadata: dict | None = None) -> "RequestStream":
+                    params: SamplingParams, metadata: dict | None = None, priority: int = 0) -> "RequestStream":
         """Admit a request (or raise: 503 when the waiting queue is full, 400 when `request_id` is already
         running) and return its output stream."""
         if not self.alive:
@@ -166,7 +166,8 @@ class AsyncEngine:
         arrival = time.monotonic()
         self._timings[request_id] = _Timing(arrival)
         self._output_processor.add_request(request_id, prompt, prompt_token_ids, params, arrival)
-        self._submit(EngineRequest(request_id, prompt_token_ids, params, arrival_time=arrival, metadata=metadata))
+        self._submit(EngineRequest(request_id, prompt_token_ids, params, arrival_time=arrival, priority=priority,
+                                   metadata=metadata))
         return RequestStream(self, request_id, queue)
 
     def _release(self, request_id: str, finished: bool) -> None:

@@ -28,7 +28,8 @@ async def start_chat(req: ChatCompletionRequest, engine: AsyncEngine, base_id: s
     inp = await asyncio.to_thread(chat_input, req, engine.tokenizer, engine.max_model_len, engine.vocab_size,
                                   engine.max_prompt_chars)
     request_id = f"chatcmpl-{base_id}"
-    return request_id, engine.add_request(request_id, inp.prompt, inp.prompt_token_ids, inp.params, inp.metadata)
+    return request_id, engine.add_request(request_id, inp.prompt, inp.prompt_token_ids, inp.params, inp.metadata,
+                                         inp.priority)
 
 
 async def chat(req: ChatCompletionRequest, engine: AsyncEngine, model: str, request_id: str,

@@ -27,7 +27,8 @@ async def start_completion(req: CompletionRequest, engine: AsyncEngine, base_id:
     inp = await asyncio.to_thread(completion_input, req, engine.tokenizer, engine.max_model_len,
                                   engine.vocab_size, engine.max_prompt_chars)
     request_id = f"cmpl-{base_id}"
-    return request_id, engine.add_request(request_id, inp.prompt, inp.prompt_token_ids, inp.params, inp.metadata)
+    return request_id, engine.add_request(request_id, inp.prompt, inp.prompt_token_ids, inp.params, inp.metadata,
+                                         inp.priority)
 
 
 def usage_of(out: RequestOutput) -> Usage:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from engine.sampling.params import SamplingParams
+from engine.server.chat_template import render_chat
 from engine.server.errors import bad_request
 from engine.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -26,6 +27,7 @@ class EngineInput:
     prompt_token_ids: list[int]
     params: SamplingParams
     metadata: dict | None
+    priority: int
 
 
 def max_prompt_chars(tokenizer, max_model_len: int) -> int | None:
@@ -51,7 +53,7 @@ def completion_input(req: CompletionRequest, tokenizer, max_model_len: int, voca
     if isinstance(prompt, str):
         _check_prompt_chars(len(prompt), max_chars, max_model_len, "prompt")
         try:
-            text, token_ids = prompt, tokenizer.encode(prompt, add_special_tokens=True)
+            text, token_ids = prompt, tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens)
         except (TypeError, ValueError, UnicodeError) as err:   # e.g. a lone surrogate (JSON "\ud800")
             raise bad_request(f"The prompt cannot be tokenized: {type(err).__name__}.", param="prompt") from None
     else:
@@ -61,25 +63,19 @@ def completion_input(req: CompletionRequest, tokenizer, max_model_len: int, voca
             raise bad_request(f"prompt token ids must lie in [0, {vocab_size}); got {bad[0]}.", param="prompt")
     _check_stop_token_ids(req, vocab_size)
     max_tokens = _fit_max_tokens(len(token_ids), req.max_tokens, max_model_len, "max_tokens")
-    return EngineInput(text, token_ids, sampling_params(req, max_tokens, req.logprobs), _metadata(req))
+    return EngineInput(text, token_ids, sampling_params(req, max_tokens, req.logprobs), _metadata(req), req.priority)
 
 
 def chat_input(req: ChatCompletionRequest, tokenizer, max_model_len: int, vocab_size: int,
                max_chars: int | None) -> EngineInput:
-    """Apply the model's chat template (as the offline `LLM.chat` does) and check the result fits."""
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-    _check_prompt_chars(sum(len(m["content"]) for m in messages), max_chars, max_model_len, "messages")
+    """Apply the model's chat template (as vLLM's chat endpoint does) and check the result fits."""
+    _check_prompt_chars(sum(len(m.text()) for m in req.messages), max_chars, max_model_len, "messages")
     _check_stop_token_ids(req, vocab_size)
-    try:
-        out = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=req.add_generation_prompt,
-            continue_final_message=req.continue_final_message, tokenize=True)
-    except Exception as err:  # noqa: BLE001 - a template may raise anything on a conversation it rejects
-        raise bad_request(f"The chat template rejected the messages: {err}", param="messages") from None
-    token_ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+    token_ids = render_chat(tokenizer, req)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _fit_max_tokens(len(token_ids), req.requested_max_tokens(), max_model_len, param)
-    return EngineInput(None, token_ids, sampling_params(req, max_tokens, req.num_logprobs()), _metadata(req))
+    return EngineInput(None, token_ids, sampling_params(req, max_tokens, req.num_logprobs()), _metadata(req),
+                       req.priority)
 
 
 def _check_prompt_chars(num_chars: int, max_chars: int | None, max_model_len: int, param: str) -> None:

@@ -56,6 +56,9 @@ class SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    # vLLM's: accepted, but scheduling is first-come-first-served (vLLM's default policy); the offload
+    # policy sees it (RequestInfo.priority).
+    priority: Int64 = 0
 
     def reject_unsupported(self) -> None:
         """Raise a 400 naming the first field set to something tierkv does not implement."""
@@ -76,6 +79,7 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = False
     best_of: Int64 | None = None
     suffix: str | None = None
+    add_special_tokens: bool = True
 
     def reject_unsupported(self) -> None:
         super().reject_unsupported()
@@ -106,11 +110,14 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    """One message of the conversation."""
+    """One message of the conversation; an assistant's `tool_calls` and a tool's `tool_call_id` go to the
+    chat template as they are."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The content as one string (text parts joined by newlines, as vLLM does)."""
@@ -121,17 +128,30 @@ class ChatMessage(_Request):
         return "\n".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(SamplingFields):
-    """POST /v1/chat/completions."""
+class ChatTemplateFields(_Request):
+    """What renders a conversation through the chat template (chat completions and /tokenize).
+
+    `chat_template_kwargs` become template variables (Qwen3's `enable_thinking`), and win over the
+    fields, as in vLLM. `add_special_tokens` is False by default, as in vLLM: the template already
+    writes the special tokens it wants.
+    """
 
     messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
+    """POST /v1/chat/completions."""
+
     max_tokens: Int64 | None = None
     max_completion_tokens: Int64 | None = None
     logprobs: bool | None = False
     top_logprobs: Int64 | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
@@ -147,8 +167,11 @@ class ChatCompletionRequest(SamplingFields):
 
     def reject_unsupported(self) -> None:
         super().reject_unsupported()
-        if self.tools:
-            raise unsupported_field("tools", "tool calling is not supported")
+        if self.tools and self.tool_choice != "none":
+            # vLLM without --enable-auto-tool-choice answers the same: tools reach the template only
+            # when the model is told not to call them, since no parser would find calls in the reply.
+            raise unsupported_field("tools", 'tool calling is not supported; tools reach the chat template '
+                                             'only with tool_choice "none"')
         if self.tool_choice not in (None, "none", "auto"):
             raise unsupported_field("tool_choice", "tool calling is not supported")
         if self.functions or self.function_call not in (None, "none", "auto"):

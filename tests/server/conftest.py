@@ -16,6 +16,7 @@ from engine import LLM, SamplingParams
 from engine.server.args import ServeConfig, parse_serve_args
 from engine.server.cli import build_server, serve_core, uvicorn_config
 from tests.engine.tiny_models import make_tiny_model
+from tests.server.template_model import make_template_model
 
 # Small KV pools: the tests share 2 cores and 24 GiB with other suites.
 TINY_FLAGS = ("--max-model-len", "1024", "--num-gpu-blocks-override", "256", "--seed", "0")
@@ -76,6 +77,15 @@ def start_tiny_server(tiny_model_dir):
 @pytest.fixture(scope="session")
 def tiny_server(start_tiny_server) -> RunningServer:
     return start_tiny_server()
+
+
+@pytest.fixture(scope="session")
+def template_server(tmp_path_factory) -> RunningServer:
+    """The tiny model with a BOS-adding tokenizer and a template that shows tools, documents and thinking."""
+    server = RunningServer(build_server, [make_template_model(tmp_path_factory.mktemp("template") / "llama"),
+                                          *TINY_FLAGS])
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

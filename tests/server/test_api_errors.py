@@ -39,7 +39,7 @@ def error_of(response) -> dict:
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format", "is supported"),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs", "top_logprobs requires logprobs to be true."),
     ("/v1/chat/completions", {"messages": []}, "messages", "List should have at least 1 item"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", "Input should be"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "Input should be"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages.0.content.0.type", "Input should be 'text'"),
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 2000}, "max_completion_tokens",
