@@ -28,6 +28,7 @@ from engine.server.completions import complete, start_completion, stream_complet
 from engine.server.errors import APIError, bad_request, from_validation_error, invalid_api_key, unknown_model
 from engine.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from engine.server.request_id import RequestIdHeader, request_id_of
+from engine.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from engine.server.sse import EventStreamResponse
 from kvstore.version import package_version
 
@@ -125,6 +126,22 @@ def build_app(engine: AsyncEngine, model_names: tuple[str, ...], model_root: str
             return EventStreamResponse(stream_chat(req, engine, served, request_id, stream))
         body = await until_disconnected(request, chat(req, engine, served, request_id, stream), stream)
         return _json_or_gone(body)
+
+    # vLLM's tokenizer routes: outside /v1, so, as in vLLM, they need no API key.
+    @app.post("/tokenize")
+    async def tokenize_prompt(request: Request) -> Response:
+        req = (await parse_body(request, TokenizeRequest)).root
+        check_model(req.model)
+        # Off the loop: a template and tokenizer on a long conversation take seconds.
+        body = await asyncio.to_thread(tokenize, req, engine.tokenizer, engine.max_model_len)
+        return JSONResponse(body.model_dump(mode="json", exclude_none=True))
+
+    @app.post("/detokenize")
+    async def detokenize_tokens(request: Request) -> Response:
+        req = await parse_body(request, DetokenizeRequest)
+        check_model(req.model)
+        body = await asyncio.to_thread(detokenize, req, engine.tokenizer)
+        return JSONResponse(body.model_dump(mode="json"))
 
     return app
 

@@ -22,18 +22,20 @@ from engine.server.errors import APIError, bad_request
 Int64 = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]
 
 
-class _Request(BaseModel):
+class StrictRequest(BaseModel):
+    """A request body: an unknown field is an error, as in OpenAI's API."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class StreamOptions(_Request):
+class StreamOptions(StrictRequest):
     """`stream_options`: a last chunk carrying usage when `include_usage`."""
 
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class SamplingFields(_Request):
+class SamplingFields(StrictRequest):
     """Fields shared by both endpoints; the vLLM extensions (top_k, min_p, ...) included."""
 
     model: str | None = None
@@ -102,14 +104,14 @@ class CompletionRequest(SamplingFields):
         return prompt
 
 
-class TextPart(_Request):
+class TextPart(StrictRequest):
     """One text part of a message's content (images and audio are not supported)."""
 
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Request):
+class ChatMessage(StrictRequest):
     """One message of the conversation; an assistant's `tool_calls` and a tool's `tool_call_id` go to the
     chat template as they are."""
 
@@ -128,7 +130,7 @@ class ChatMessage(_Request):
         return "\n".join(part.text for part in self.content)
 
 
-class ChatTemplateFields(_Request):
+class ChatTemplateFields(StrictRequest):
     """What renders a conversation through the chat template (chat completions and /tokenize).
 
     `chat_template_kwargs` become template variables (Qwen3's `enable_thinking`), and win over the
