@@ -12,6 +12,8 @@ BENCHMARKS = {
     "latency": ("engine.bench.latency", "Per-request latency: time to first token and inter-token latency"),
     "offload": ("engine.bench.offload", "Offload: TTFT cold vs a prefix hit from each tier, save/load GB/s vs "
                                         "the plain copies; decode ITL with saving on vs off, a load in flight"),
+    "serve": ("engine.bench.serve", "Online serving against an OpenAI-compatible URL: TTFT, ITL, E2E, "
+                                    "throughput, prefix hit rates (as vllm bench serve)"),
 }
 
 

@@ -1,0 +1,250 @@
+"""`tierkv bench serve`: the online benchmark, as `vllm bench serve`, against any OpenAI-compatible URL.
+
+Requests come from the shared-prefix conversations dataset (`engine.bench.serve_dataset`): request
+i is turn i // C of conversation i % C (C conversations, `--num-prompts` = C x `--turns`), all first
+turns before any second one. Arrivals are a Poisson process at `--request-rate` (gamma intervals of
+shape `--burstiness`, as vLLM), and a turn is sent at its arrival time or when its conversation's
+previous turn has its answer, whichever is later; `--max-concurrency` caps requests in flight.
+Every request streams; see `engine.bench.serve_client` for the timing and `serve_report` for the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import httpx
+from tqdm import tqdm
+
+from engine.bench import common
+from engine.bench.serve_client import StreamResult, first_model, prefix_counters, stream_request, token_counter
+from engine.bench.serve_dataset import (WORDS, Conversation, DatasetConfig, build_conversations, single_token_words,
+                                         word_probe)
+from engine.bench.serve_report import RequestRecord, format_report, summarize
+
+logger = logging.getLogger(__name__)
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+# Fewer single-token words than this and the texts would repeat a handful of words: use all of WORDS.
+MIN_VOCABULARY = 64
+
+
+@dataclass(frozen=True)
+class ServeBenchConfig:
+    """The validated options of one run."""
+
+    base_url: str
+    endpoint: str
+    model: str | None
+    api_key: str | None
+    num_prompts: int
+    request_rate: float
+    burstiness: float
+    max_concurrency: int | None
+    seed: int
+    dataset: str
+    num_prefixes: int
+    prefix_len: int
+    input_len: int
+    output_len: int
+    turns: int
+    timeout: float
+    result_json: str | None
+    plot: str | None
+    disable_tqdm: bool
+
+    @property
+    def num_conversations(self) -> int:
+        return self.num_prompts // self.turns
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ServeBenchConfig":
+        """Check every option; a mistake exits naming the option and what it must be."""
+        for name in ("num_prompts", "num_prefixes", "input_len", "output_len", "turns"):
+            _require(getattr(args, name) >= 1, name, "at least 1", getattr(args, name))
+        _require(args.prefix_len >= 0, "prefix_len", "0 or more", args.prefix_len)
+        _require(args.num_prompts % args.turns == 0, "num_prompts", f"a multiple of --turns ({args.turns})",
+                 args.num_prompts)
+        _require(args.request_rate > 0, "request_rate", "a positive number of requests/s or inf", args.request_rate)
+        _require(math.isfinite(args.burstiness) and args.burstiness > 0, "burstiness", "a positive number",
+                 args.burstiness)
+        _require(args.max_concurrency is None or args.max_concurrency >= 1, "max_concurrency", "at least 1",
+                 args.max_concurrency)
+        _require(args.timeout > 0, "timeout", "a positive number of seconds", args.timeout)
+        _require(args.endpoint in ENDPOINTS, "endpoint", " or ".join(ENDPOINTS), args.endpoint)
+        _require(args.base_url.startswith(("http://", "https://")), "base_url", "an http:// or https:// URL",
+                 args.base_url)
+        return cls(base_url=args.base_url.rstrip("/"), endpoint=args.endpoint, model=args.model,
+                   api_key=args.api_key or os.environ.get("OPENAI_API_KEY"), num_prompts=args.num_prompts,
+                   request_rate=args.request_rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
+                   seed=args.seed, dataset=args.dataset, num_prefixes=args.num_prefixes, prefix_len=args.prefix_len,
+                   input_len=args.input_len, output_len=args.output_len, turns=args.turns, timeout=args.timeout,
+                   result_json=args.result_json, plot=args.plot, disable_tqdm=args.disable_tqdm)
+
+
+def _require(ok: bool, option: str, expected: str, got: object) -> None:
+    if not ok:
+        raise SystemExit(f"tierkv bench serve: --{option.replace('_', '-')} must be {expected}, got {got!r}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
+    p.add_argument("--endpoint", default=ENDPOINTS[0], help=f"{' or '.join(ENDPOINTS)} (default %(default)s)")
+    p.add_argument("--model", help="model name to send (default: the first of GET /v1/models)")
+    p.add_argument("--api-key", help="bearer token (default: $OPENAI_API_KEY)")
+    p.add_argument("--num-prompts", type=int, default=64, help="requests in all, every turn counted (default 64)")
+    p.add_argument("--request-rate", type=float, default=math.inf,
+                   help="requests/s, Poisson arrivals; inf sends all at once (default inf)")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the arrival intervals: 1 Poisson, <1 burstier, >1 steadier (default 1)")
+    p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no cap)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the texts and the arrival times")
+    p.add_argument("--dataset", choices=("shared-prefix",), default="shared-prefix",
+                   help="synthetic conversations sharing system prefixes (the only one)")
+    p.add_argument("--num-prefixes", type=int, default=4, help="conversation groups, one shared prefix each")
+    p.add_argument("--prefix-len", type=int, default=512, help="tokens of each shared system prefix (words where the server has no /tokenize)")
+    p.add_argument("--input-len", type=int, default=64, help="tokens of new user text per turn (words where the server has no /tokenize)")
+    p.add_argument("--output-len", type=int, default=32, help="tokens generated per request (exactly: ignore_eos)")
+    p.add_argument("--turns", type=int, default=1,
+                   help="turns per conversation; turn k's prompt is turn k-1's prompt + answer + new user text")
+    p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds one request may take")
+    p.add_argument("--result-json", help="write the config, summary and every request's record here")
+    p.add_argument("--plot", help="write a PNG of TTFT by hit source and over time here (needs matplotlib)")
+    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = ServeBenchConfig.from_args(args)
+    # httpx logs every request at INFO: hundreds of lines that would bury the progress bar.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if config.plot:
+        from engine.bench.serve_plot import require_matplotlib
+
+        require_matplotlib()  # before the run, not after minutes of it
+    result = asyncio.run(benchmark(config))
+    print(format_report(result["config"], result["summary"]))
+    common.write_json(config.result_json, result)
+    if config.plot:
+        from engine.bench.serve_plot import write_plot
+
+        write_plot(result, config.plot)
+        logger.info("wrote %s", config.plot)
+    return 0 if result["summary"]["failed"] == 0 else 1
+
+
+def arrival_offsets(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    """Send times of `n` requests, seconds from the start: gamma intervals of mean 1/rate (vLLM's)."""
+    if math.isinf(rate):
+        return [0.0] * n
+    rng = random.Random(seed)
+    offsets, t = [], 0.0
+    for _ in range(n):
+        offsets.append(t)
+        t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+    return offsets
+
+
+async def benchmark(config: ServeBenchConfig) -> dict:
+    """Run the whole benchmark; returns {"config", "summary", "requests"}."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    # One connection per request in flight; without a cap, as many as requests can be in flight.
+    connections = config.max_concurrency or config.num_conversations
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(config.timeout, connect=30.0), limits=limits) as client:
+        model = config.model or await first_model(client, config.base_url, headers)
+        vocabulary, unit = await choose_vocabulary(await token_counter(client, config.base_url, model, headers))
+        conversations = build_conversations(DatasetConfig(
+            config.num_conversations, config.num_prefixes, config.prefix_len, config.input_len, config.turns,
+            config.seed), vocabulary)
+        before = await prefix_counters(client, config.base_url, headers)
+        logger.info("sending %d requests to %s%s (model %s)", config.num_prompts, config.base_url, config.endpoint,
+                    model)
+        records, duration = await _drive(client, config, model, conversations, headers)
+        after = await prefix_counters(client, config.base_url, headers)
+    run_config = {**asdict(config), "api_key": None, "model": model, "num_conversations": config.num_conversations,
+                  "length_unit": unit, "vocabulary_size": len(vocabulary)}
+    return {"config": run_config, "summary": summarize(records, duration, before, after),
+            "requests": [r.to_dict() for r in records]}
+
+
+async def choose_vocabulary(count: Callable[[str], Awaitable[int]] | None) -> tuple[list[str], str]:
+    """The words to build texts from, and the unit that makes of the lengths ("tokens" or "words"):
+    the single-token words when the server counts tokens and there are enough of them, else all."""
+    if count is None:
+        return list(WORDS), "words"
+    probes = [word_probe(w) for w in WORDS]
+    counts = dict(zip(probes, await asyncio.gather(*(count(p) for p in probes))))
+    words = single_token_words(WORDS, counts.__getitem__)
+    if len(words) < MIN_VOCABULARY:
+        logger.warning("only %d of %d words are one token each: prompt lengths are in words", len(words), len(WORDS))
+        return list(WORDS), "words"
+    logger.info("%d of %d words are one token each: prompt lengths are exact tokens", len(words), len(WORDS))
+    return words, "tokens"
+
+
+def _request_body(config: ServeBenchConfig, model: str, conversation: Conversation, turn: int,
+                  answers: list[str]) -> dict:
+    body = {"model": model, "stream": True, "temperature": 0.0,
+            # Per-chunk usage tells how many tokens each chunk carries (vLLM's extension; others ignore it).
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            # Exactly output_len tokens: no early stop at EOS.
+            "ignore_eos": True, "min_tokens": config.output_len}
+    if config.endpoint == "/v1/chat/completions":
+        body["messages"] = conversation.chat_messages(turn, answers)
+        body["max_completion_tokens"] = config.output_len
+    else:
+        body["prompt"] = conversation.completion_prompt(turn, answers)
+        body["max_tokens"] = config.output_len
+    return body
+
+
+async def _drive(client: httpx.AsyncClient, config: ServeBenchConfig, model: str,
+                 conversations: list[Conversation], headers: dict[str, str]) -> tuple[list[RequestRecord], float]:
+    """Send every turn of every conversation on schedule; returns the records in request order."""
+    n_conv = len(conversations)
+    arrivals = arrival_offsets(config.num_prompts, config.request_rate, config.burstiness, config.seed)
+    records: list[RequestRecord | None] = [None] * config.num_prompts
+    limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else nullcontext()
+    url = config.base_url + config.endpoint
+    progress = tqdm(total=config.num_prompts, desc="bench serve", unit="req", disable=config.disable_tqdm)
+    start = time.perf_counter()
+
+    async def converse(conversation: Conversation) -> None:
+        answers: list[str] = []
+        for turn in range(config.turns):
+            index = turn * n_conv + conversation.index
+            await asyncio.sleep(max(0.0, start + arrivals[index] - time.perf_counter()))
+            body = _request_body(config, model, conversation, turn, answers)
+            async with limit:
+                sent = time.perf_counter() - start
+                result = await stream_request(client, url, body, headers)
+            records[index] = RequestRecord.of(index, conversation, turn, sent, result)
+            progress.update(1)
+            if not result.success:
+                logger.warning("request %d failed: %s", index, result.error)
+                _fail_rest(records, conversation, turn, n_conv, config.turns, time.perf_counter() - start, progress)
+                return
+            answers.append(result.text)
+
+    await asyncio.gather(*(converse(c) for c in conversations))
+    duration = time.perf_counter() - start
+    progress.close()
+    return records, duration
+
+
+def _fail_rest(records: list, conversation: Conversation, failed_turn: int, n_conv: int, turns: int,
+               now: float, progress: tqdm) -> None:
+    """A conversation whose turn failed has no answer to build on: its later turns fail unsent."""
+    for turn in range(failed_turn + 1, turns):
+        index = turn * n_conv + conversation.index
+        records[index] = RequestRecord.of(index, conversation, turn, now,
+                                          StreamResult(error=f"turn {failed_turn + 1} of its conversation failed"))
+        progress.update(1)
