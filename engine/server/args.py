@@ -2,13 +2,17 @@
 
 The file takes the same names as the flags (`max-model-len: 512` or `max_model_len: 512`), plus
 `model`; a flag given on the command line wins over the file. Engine options are checked by
-`EngineConfig` itself; everything else here.
+`EngineConfig` itself; everything else here. The API key may come from the environment instead
+(`API_KEY_ENV_VARS`), so that it need not be on a command line `ps` shows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -16,6 +20,12 @@ from typing import Any, NoReturn
 import yaml
 
 from engine.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+# Where the API key comes from when --api-key (or `api-key:` in --config) is not given, first set wins:
+# tierkv's own name, then vLLM's, so a vLLM deployment's environment works unchanged.
+API_KEY_ENV_VARS = ("TIERKV_API_KEY", "VLLM_API_KEY")
 
 
 class ConfigError(ValueError):
@@ -84,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     server = p.add_argument_group("server")
     server.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     server.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    server.add_argument("--api-key", help="require `Authorization: Bearer <key>` on /v1 endpoints")
+    server.add_argument("--api-key", help="require `Authorization: Bearer <key>` on /v1 endpoints "
+                                          f"(default: ${API_KEY_ENV_VARS[0]}, else ${API_KEY_ENV_VARS[1]})")
     server.add_argument("--served-model-name", nargs="+", help="model name(s) clients use (default: the model's name)")
     server.add_argument("--max-waiting-requests", type=int,
                         help="answer 503 once this many requests wait (default 4 x max-num-seqs)")
@@ -166,6 +177,17 @@ def _as_flags(values: dict[str, Any], parser: argparse.ArgumentParser) -> list[s
     return tokens
 
 
+def resolve_api_key(flag: str | None, environ: Mapping[str, str]) -> str | None:
+    """The API key: the flag's, else the first of `API_KEY_ENV_VARS` set; empty counts as unset, as in vLLM."""
+    if flag:
+        return flag
+    for name in API_KEY_ENV_VARS:
+        if environ.get(name):
+            logger.info("API key from $%s: /v1 routes need `Authorization: Bearer <key>`", name)
+            return environ[name]
+    return None
+
+
 def _serve_config(args: dict[str, Any]) -> ServeConfig:
     engine_kwargs = {field: args[flag] for flag, field in _ENGINE_FLAGS.items() if flag in args}
     names = tuple(args.get("served_model_name", ()))
@@ -188,7 +210,7 @@ def _serve_config(args: dict[str, Any]) -> ServeConfig:
         engine=engine,
         host=args.get("host", "0.0.0.0"),
         port=port,
-        api_key=args.get("api_key"),
+        api_key=resolve_api_key(args.get("api_key"), os.environ),
         served_model_names=names,
         max_waiting_requests=engine.max_waiting_requests,
         max_request_body_bytes=max_body,
