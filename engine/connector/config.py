@@ -12,18 +12,30 @@ No `kvstore_url`: the same tiers run in-process (the embedded store).
 slots when it runs on this host (auto: when `kvstore_url` names a loopback address and the slab's
 slots hold one block of this engine; true: always, and a slab that cannot serve the engine is a
 start-up error; false: always the gRPC payload path).
+vLLM's other KVTransferConfig keys (`VLLM_ONLY_KEYS`: kv_rank, kv_ip, ...) are accepted, with one warning
+that they have no effect, so a vLLM config works unchanged; any other unknown key is an error.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from kvstore.config import ConfigError, TierConfig, parse_bytes, parse_tiers
 
+logger = logging.getLogger(__name__)
+
 CONNECTOR_NAMES = ("OffloadingConnector", "TierKVConnector")
+# vLLM's KVTransferConfig fields that only its other connectors (P2P NCCL, NIXL, Mooncake, ...) or its
+# scheduler read; the offloading connector here has no use for them.
+VLLM_ONLY_KEYS = ("engine_id", "kv_buffer_device", "kv_buffer_size", "kv_rank", "kv_parallel_size", "kv_ip",
+                  "kv_port", "kv_connector_module_path", "enable_permute_local_kv", "kv_load_failure_policy")
+# The ignored keys (and values) already warned about: start-up parses one config twice (EngineConfig
+# checks it before the weights load, the engine core builds the connector from it), one warning is enough.
+_warned: set[tuple[tuple[str, str], ...]] = set()
 SPEC_NAMES = ("TieringOffloadingSpec", "CPUOffloadingSpec")
 
 
@@ -119,15 +131,43 @@ def parse_kv_transfer_config(value: str | dict) -> KVTransferConfig:
             raise ConfigError(f"kv_transfer_config: not valid JSON ({e})") from None
     if not isinstance(value, dict):
         raise ConfigError("kv_transfer_config: expected a JSON object")
+    ignored = sorted(key for key in value if key in VLLM_ONLY_KEYS)
     try:
-        cfg = KVTransferConfig.model_validate(value)
+        cfg = KVTransferConfig.model_validate({k: v for k, v in value.items() if k not in VLLM_ONLY_KEYS})
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = _unknown_key(err["loc"]) if err["type"] == "extra_forbidden" else err["msg"]
         raise ConfigError(f"kv_transfer_config.{where}: {msg}") from None
     try:
         parse_tiers(cfg.offload.secondary_tiers)
     except ConfigError as e:
         raise ConfigError(f"kv_transfer_config.kv_connector_extra_config.secondary_tiers: {e}") from None
+    _warn_ignored({key: value[key] for key in ignored})
     return cfg
+
+
+def _unknown_key(loc: tuple) -> str:
+    """"unknown key", and the keys accepted where it was found."""
+    model: type[BaseModel] = KVTransferConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return "unknown key"
+        model = field.annotation
+    accepted = f"unknown key; accepted keys: {', '.join(model.model_fields)}"
+    if model is KVTransferConfig:
+        accepted += f" (and vLLM's {', '.join(VLLM_ONLY_KEYS)}, which have no effect here)"
+    return accepted
+
+
+def _warn_ignored(ignored: dict[str, Any]) -> None:
+    """One warning naming the vLLM-only keys given (never their values: one could be a secret)."""
+    if not ignored:
+        return
+    seen = tuple((key, repr(value)) for key, value in ignored.items())
+    if seen in _warned:
+        return
+    _warned.add(seen)
+    logger.warning("kv_transfer_config: %s accepted for vLLM compatibility but ignored: they configure vLLM's "
+                   "other connectors and have no effect on tierkv's offloading connector", ", ".join(ignored))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from fixtures_services import free_port
+from engine.connector.config import parse_kv_transfer_config
 from kvstore.config import ConfigError
 from tests.connector.offload_helpers import REPO, daemon_in_process, kv_config, make_llm
 
@@ -72,3 +74,36 @@ def test_daemon_url_with_embedded_tier_keys_warns_that_they_are_ignored(tiny_mod
         llm = make_llm(tiny_model, kv_config(kvstore_url=url, cpu_bytes_to_use="1GiB"))
         llm.engine.core.close()
     assert f"{EXTRA}: cpu_bytes_to_use ignored: with kvstore_url the daemon's own config sets its tiers" in caplog.text
+
+
+VLLM_KEYS = {"engine_id": "e-1", "kv_buffer_device": "cuda", "kv_buffer_size": 1e9, "kv_rank": 0,
+             "kv_parallel_size": 2, "kv_ip": "10.9.8.7", "kv_port": 14579, "kv_connector_module_path": "m.c",
+             "enable_permute_local_kv": False, "kv_load_failure_policy": "recompute"}
+
+
+def test_vllms_other_keys_are_accepted_with_one_warning(caplog):
+    cfg = {**kv_config(), **VLLM_KEYS}
+    with caplog.at_level(logging.WARNING, logger="engine.connector.config"):
+        first = parse_kv_transfer_config(cfg)
+        again = parse_kv_transfer_config(cfg)   # start-up parses the config twice: still one warning
+    assert first == again == parse_kv_transfer_config(kv_config())
+    assert [r.getMessage() for r in caplog.records] == [
+        "kv_transfer_config: enable_permute_local_kv, engine_id, kv_buffer_device, kv_buffer_size, "
+        "kv_connector_module_path, kv_ip, kv_load_failure_policy, kv_parallel_size, kv_port, kv_rank accepted "
+        "for vLLM compatibility but ignored: they configure vLLM's other connectors and have no effect on "
+        "tierkv's offloading connector"]
+
+
+def test_an_unknown_key_names_it_and_lists_the_accepted_ones():
+    with pytest.raises(ConfigError) as top:
+        parse_kv_transfer_config({**kv_config(), "kv_rankk": 0})
+    assert str(top.value) == (
+        "kv_transfer_config.kv_rankk: unknown key; accepted keys: kv_connector, kv_role, kv_connector_extra_config "
+        "(and vLLM's engine_id, kv_buffer_device, kv_buffer_size, kv_rank, kv_parallel_size, kv_ip, kv_port, "
+        "kv_connector_module_path, enable_permute_local_kv, kv_load_failure_policy, which have no effect here)")
+    with pytest.raises(ConfigError) as extra:
+        parse_kv_transfer_config(kv_config(kv_rank=0))   # a top-level vLLM key inside the extra config
+    assert str(extra.value) == (
+        f"{EXTRA}.kv_rank: unknown key; accepted keys: spec_name, cpu_bytes_to_use, block_size, kvstore_url, "
+        "auth_token, auth_token_env, secondary_tiers, policy, max_pending_saves, lookup_timeout_s, load_timeout_s, "
+        "kvstore_shm, load_cost_model")
