@@ -18,6 +18,8 @@ from kvstore.version import package_version
 def _generate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="tierkv generate", description="Answer one prompt and print the text.")
     p.add_argument("model", nargs="?", default=None, help="HF model directory or GGUF file (default: embedded SmolLM2)")
+    p.add_argument("--model", dest="model_flag", metavar="MODEL", default=None,
+                   help="the model, as a flag (as vLLM takes it)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -28,10 +30,22 @@ def _generate(argv: list[str]) -> int:
     p.add_argument("--no-chat-template", action="store_true",
                    help="send the prompt as raw text instead of a user chat message")
     args = p.parse_args(argv)
+    from engine.server.args import ConfigError
+    from engine.server.model_arg import pick_model
+
+    try:
+        model = pick_model(args.model, args.model_flag)
+    except ConfigError as err:
+        print(f"tierkv generate: error: {err}", file=sys.stderr)
+        return 2
 
     from engine import LLM, SamplingParams
 
-    llm = LLM(model=args.model, dtype=args.dtype)
+    try:
+        llm = LLM(model=model, dtype=args.dtype)
+    except (ValueError, OSError) as err:
+        print(f"tierkv generate: cannot load the model: {err}", file=sys.stderr)
+        return 1
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     if args.no_chat_template or not llm.tokenizer.chat_template:

@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tierkv serve", description="Serve a model over an OpenAI-compatible HTTP API.",
                 argument_default=argparse.SUPPRESS)
     p.add_argument("model", nargs="?", help="HF directory or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", dest="model_flag", metavar="MODEL", help="the model, as a flag (vLLM accepts both)")
     p.add_argument("--config", help="YAML or JSON file with any of these options; flags override it")
     server = p.add_argument_group("server")
     server.add_argument("--host", help="address to listen on (default 0.0.0.0)")
@@ -133,7 +134,7 @@ def parse_serve_args(argv: list[str]) -> ServeConfig:
         file_values = load_config_file(Path(args["config"]))
         file_model = file_values.pop("model", None)
         args = vars(parser.parse_args(_as_flags(file_values, parser) + argv))
-        if file_model is not None:
+        if file_model is not None and "model_flag" not in args:
             args.setdefault("model", file_model)
     return _serve_config(args)
 
@@ -162,7 +163,7 @@ def _as_flags(values: dict[str, Any], parser: argparse.ArgumentParser) -> list[s
         action = actions.get(f"--{key}")
         if action is None or key == "config":
             known = sorted(o[2:] for o in actions if o.startswith("--") and not o.startswith("--no-")
-                           and o not in ("--help", "--config"))
+                           and o not in ("--help", "--config", "--model"))
             raise ConfigError(f"unknown config key '{key}'; known keys: model, {', '.join(known)}")
         if isinstance(action, argparse.BooleanOptionalAction):
             if not isinstance(value, bool):
@@ -189,10 +190,13 @@ def resolve_api_key(flag: str | None, environ: Mapping[str, str]) -> str | None:
 
 
 def _serve_config(args: dict[str, Any]) -> ServeConfig:
+    from engine.server.model_arg import pick_model   # here: model_arg imports this module's ConfigError
+
+    model = pick_model(args.get("model"), args.get("model_flag"))
     engine_kwargs = {field: args[flag] for flag, field in _ENGINE_FLAGS.items() if flag in args}
     names = tuple(args.get("served_model_name", ()))
     try:
-        engine = EngineConfig(model=args.get("model"), served_model_name=names[0] if names else None,
+        engine = EngineConfig(model=model, served_model_name=names[0] if names else None,
                               max_waiting_requests=args.get("max_waiting_requests"), usage_context="server",
                               **engine_kwargs)
     except ValueError as err:
