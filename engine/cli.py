@@ -31,10 +31,11 @@ def _generate(argv: list[str]) -> int:
                    help="send the prompt as raw text instead of a user chat message")
     args = p.parse_args(argv)
     from engine.server.args import ConfigError
-    from engine.server.model_arg import pick_model
+    from engine.server.model_arg import check_model_arg, pick_model
 
     try:
         model = pick_model(args.model, args.model_flag)
+        check_model_arg(model)
     except ConfigError as err:
         print(f"tierkv generate: error: {err}", file=sys.stderr)
         return 2

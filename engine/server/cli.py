@@ -15,6 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from engine.server.args import ConfigError, ServeConfig, parse_serve_args
+from engine.server.model_arg import check_model_arg
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     try:
         config = parse_serve_args(argv)
+        check_model_arg(config.engine.model)
     except ConfigError as err:
         print(f"tierkv serve: error: {err}", file=sys.stderr)
         return 2

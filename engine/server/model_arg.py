@@ -14,12 +14,10 @@ EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 
 
 def pick_model(positional: str | None, flag: str | None) -> str | None:
-    """The model given as the positional argument or as --model (vLLM takes both), checked to be loadable."""
+    """The model given as the positional argument or as --model (vLLM takes both); not yet checked."""
     if positional is not None and flag is not None and positional != flag:
         raise ConfigError(f"the model is given twice, as {positional!r} and as --model {flag!r}; give it once")
-    model = flag if flag is not None else positional
-    check_model_arg(model)
-    return model
+    return flag if flag is not None else positional
 
 
 def check_model_arg(model: str | None) -> None:

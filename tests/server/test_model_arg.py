@@ -6,6 +6,7 @@ import subprocess
 import pytest
 
 from engine.cli import main
+from engine.server.args import parse_serve_args
 from tests.server.test_serve_process import tierkv_command
 
 HUB_ID = "Qwen/Qwen3-0.6B"
@@ -46,3 +47,11 @@ def test_the_real_command_prints_no_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr == f"tierkv generate: error: {NOT_LOCAL}\n"
+
+
+def test_model_as_a_flag_reaches_the_engine_config(tiny_model_dir, tmp_path):
+    assert parse_serve_args(["--model", tiny_model_dir]).engine.model == tiny_model_dir
+    assert parse_serve_args([tiny_model_dir, "--model", tiny_model_dir]).engine.model == tiny_model_dir
+    config = tmp_path / "serve.yaml"
+    config.write_text("model: /models/from-file\n")
+    assert parse_serve_args(["--config", str(config), "--model", tiny_model_dir]).engine.model == tiny_model_dir
