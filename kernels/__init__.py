@@ -10,7 +10,7 @@ Import the reference modules by their full name (``from kernels.rms_norm import 
 from torch import Tensor
 
 from kernels.activation import silu_and_mul_ref
-from kernels.block_checksum import as_words, chunk_sums_ref, combine
+from kernels.block_checksum import as_words, chunk_sums_host, chunk_sums_ref, combine
 from kernels.input_prep import StepTensors, prepare_inputs_ref
 from kernels.kv_cache_ops import gather_blocks_ref, scatter_blocks_ref, write_kv_ref
 from kernels.paged_attention import paged_attention_ref
@@ -135,4 +135,6 @@ def block_checksums(pages: Tensor, page_ids: Tensor | None, pages_per_block: int
         from kernels.block_checksum_triton import chunk_sums_triton
 
         return combine(chunk_sums_triton(words, page_ids), pages_per_block)
+    if page_ids is None:
+        return combine(chunk_sums_host(words), pages_per_block)
     return combine(chunk_sums_ref(words, page_ids), pages_per_block)

@@ -46,8 +46,8 @@ MAX_SAVE_STAGING_BYTES = 4 << 30
 
 @dataclass
 class GatheredSave:
-    """A save whose blocks are gathered (CUDA: into `staging`, on the compute stream by `gathered`);
-    the data checksums reach `sums` (host) by then."""
+    """A save whose blocks are gathered (CUDA: into `staging`, on the compute stream by `gathered`,
+    their `slots` leased later by the saver thread); the data checksums reach `sums` (host) by then."""
 
     slots: list[int]
     sums: torch.Tensor
@@ -97,9 +97,9 @@ class SlabCopies:
             return count
         return max(0, min(count, (MAX_SAVE_STAGING_BYTES - self.staged_bytes) // self.block_bytes))
 
-    def gather(self, page_ids: list[int], slots: list[int]) -> GatheredSave:
-        """Take the blocks made of `page_ids` (for `slots`) off the pages, with their data checksums
-        (engine thread; on CPU straight into the slots)."""
+    def gather(self, page_ids: list[int], slots: list[int] | None) -> GatheredSave:
+        """Take the blocks made of `page_ids` off the pages, with their data checksums (engine
+        thread): on CPU straight into `slots`, on CUDA into device staging (`slots` None)."""
         if not self.cuda:
             for i, slot in enumerate(slots):
                 dst = self._block_pages(slot)
@@ -108,7 +108,8 @@ class SlabCopies:
             return GatheredSave(slots, self._slot_checksums(slots))
         ids = self.device_ids(page_ids)
         sums = kernels.block_checksums(self.kv_cache, ids, self.ppb)
-        staging = torch.empty((len(slots), self.block_bytes), dtype=torch.uint8, device=self.kv_cache.device)
+        staging = torch.empty((len(page_ids) // self.ppb, self.block_bytes), dtype=torch.uint8,
+                              device=self.kv_cache.device)
         kernels.gather_blocks(self.kv_cache, ids, out=self._as_pages(staging))
         host_sums = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
         host_sums.copy_(sums, non_blocking=True)
@@ -116,11 +117,12 @@ class SlabCopies:
         gathered.record()
         with self._staged_lock:
             self.staged_bytes += staging.numel()
-        return GatheredSave(slots, host_sums, staging, gathered)
+        return GatheredSave([], host_sums, staging, gathered)
 
     def copy_out(self, save: GatheredSave) -> float:
-        """Copy a gathered save's staging into its slots, one block at a time (saver thread, CUDA);
-        returns when the gather had finished (perf_counter), where the transfer's own time starts."""
+        """Copy a gathered save's staging into its slots (the first `len(slots)` blocks), one block at
+        a time (saver thread, CUDA), and free the staging; returns when the gather had finished
+        (perf_counter), where the transfer's own time starts."""
         save.gathered.synchronize()
         start = time.perf_counter()
         for i, slot in enumerate(save.slots):

@@ -62,6 +62,17 @@ class _Load:
     issued_s: float = 0.0
 
 
+def _truncate(jobs: list[SaveJob], blocks: int, pages_per_block: int) -> list[SaveJob]:
+    """The first `blocks` blocks of `jobs`, in order."""
+    kept = []
+    for job in jobs:
+        n = min(len(job.keys), blocks)
+        if n:
+            kept.append(SaveJob(job.keys[:n], job.page_ids[:n * pages_per_block], job.tiers, job.ttl_s))
+            blocks -= n
+    return kept
+
+
 class SlabTransfer:
     """Saves and loads whole blocks (`pages_per_block` pages each) between the KV cache and a slab."""
 
@@ -90,17 +101,15 @@ class SlabTransfer:
 
     # --- save -----------------------------------------------------------------------------------
     def save(self, jobs: list[SaveJob]) -> None:
-        """Take the blocks of `jobs` off their pages into slab-bound staging without waiting (engine
-        thread); the saver thread copies them into their slots and commits them."""
+        """Take the blocks of `jobs` off their pages without waiting (engine thread): on CUDA into
+        device staging, and the saver thread leases their slots (an eviction that writes a block
+        down to a lower tier, or a daemon's round trip, happens there), copies them in and commits
+        them; on CPU straight into slots leased here."""
         wanted = sum(len(job.keys) for job in jobs)
-        slots = self.store.allocate(self.copies.room_for_save(wanted))
-        self.metrics.inc(self.metrics.dropped_saves, wanted - len(slots))
-        kept, room = [], len(slots)
-        for job in jobs:
-            n = min(len(job.keys), room)
-            if n:
-                kept.append(SaveJob(job.keys[:n], job.page_ids[:n * self.ppb], job.tiers, job.ttl_s))
-                room -= n
+        slots = None if self.cuda else self.store.allocate(wanted)
+        room = self.copies.room_for_save(wanted) if self.cuda else len(slots)
+        self.metrics.inc(self.metrics.dropped_saves, wanted - room)
+        kept = _truncate(jobs, room, self.ppb)
         if not kept:
             return
         start = time.perf_counter()
@@ -120,12 +129,20 @@ class SlabTransfer:
 
     def _commit(self, save: _Save) -> None:
         gathered = save.gathered
-        # On CUDA the clock starts when the blocks are off the pages: the gather waits for the
-        # step's forward, which is not the save's cost.
-        started = self.copies.copy_out(gathered) if gathered.staging is not None else save.started
+        jobs = save.jobs
+        if gathered.staging is not None:
+            wanted = gathered.staging.shape[0]
+            gathered.slots = self.store.allocate(wanted)
+            self.metrics.inc(self.metrics.dropped_saves, wanted - len(gathered.slots))
+            jobs = _truncate(jobs, len(gathered.slots), self.ppb)
+            # The clock starts when the blocks are off the pages: the gather waits for the step's
+            # forward, which is not the save's cost.
+            started = self.copies.copy_out(gathered)
+        else:
+            started = save.started
         sums = gathered.sums.tolist()
         first = 0
-        for job in save.jobs:
+        for job in jobs:
             n = len(job.keys)
             self._commit_job(job, gathered.slots[first:first + n], sums[first:first + n])
             first += n

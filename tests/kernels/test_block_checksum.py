@@ -4,7 +4,8 @@ import pytest
 import torch
 from triton_loader import DEVICE, load_triton_module
 
-from kernels.block_checksum import as_words, chunk_sums_ref, combine
+import kernels
+from kernels.block_checksum import as_words, chunk_sums_host, chunk_sums_ref, combine
 from kvstore.checksum import block_checksum, block_tag, data_checksum
 
 ops = load_triton_module("kernels.block_checksum_triton")
@@ -49,3 +50,10 @@ def test_the_tag_binds_namespace_key_length_and_expiry():
     assert value != block_checksum(payload, "ns", b"j" * 16, 100.0)
     assert value != block_checksum(payload, "ns", b"k" * 16, 101.0)
     assert value != block_checksum(payload + b"\0", "ns", b"k" * 16, 100.0)
+
+
+def test_host_chunk_sums_match_reference_exactly():
+    # Words near the int64 limits: every chunk sum wraps, as it must in both.
+    words = torch.randint(-2**63, 2**63 - 1, (5, 3 * 128), dtype=torch.int64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(chunk_sums_host(words), chunk_sums_ref(words, None))
+    assert kernels.block_checksums(words, None, 5).tolist() == [data_checksum(words.numpy().tobytes())]
