@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from engine.bench import common, services
+from engine.bench.raw_tiers import raw_get_gb_per_s
 from engine.bench.trace import profiled
 from engine.connector.policy import Decision, RequestInfo
 from engine.models.config import load_model_config, resolve_model_path
@@ -77,6 +78,7 @@ class TierRun:
     loaded_bytes: int
     load_s: float
     h2d_copy_gb_per_s: float | None
+    raw_gb_per_s: float | None = None   # the tier's bare client reading the same bytes (Redis, S3)
 
     @property
     def hit_over_cold(self) -> float:
@@ -98,12 +100,16 @@ class TierRun:
     def load_of_copy(self) -> float | None:
         return _fraction(self.load_gb_per_s, self.h2d_copy_gb_per_s)
 
+    @property
+    def load_of_raw(self) -> float | None:
+        return _fraction(self.load_gb_per_s, self.raw_gb_per_s)
+
     def to_dict(self) -> dict:
         return asdict(self) | {name: getattr(self, name) for name in _DERIVED}
 
 
-_DERIVED = ("hit_over_cold", "save_gb_per_s", "load_gb_per_s", "save_of_copy", "load_of_copy")
-_MEDIANS = ("cold_ttft_s", "hit_ttft_s", "d2h_copy_gb_per_s", "h2d_copy_gb_per_s") + _DERIVED
+_DERIVED = ("hit_over_cold", "save_gb_per_s", "load_gb_per_s", "save_of_copy", "load_of_copy", "load_of_raw")
+_MEDIANS = ("cold_ttft_s", "hit_ttft_s", "d2h_copy_gb_per_s", "h2d_copy_gb_per_s", "raw_gb_per_s") + _DERIVED
 
 
 @dataclass
@@ -216,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
             _check_memory_tier(llm, args)
         rng = random.Random(args.seed)
         names = ["memory"] + [t["type"] for t in tiers]
+        args.tier_configs = {t["type"]: t for t in tiers}
         _warm_up(llm, args, names, rng)
         rows = _tier_rows(llm, args, names, rng)
         decode = _decode_itl(llm, args, rng)
@@ -295,7 +302,7 @@ def _warm_up(llm, args: argparse.Namespace, tiers: list[str], rng: random.Random
     _ttft(llm, longest, {"offload": False})
     for tier in tiers:
         prompt = longest if tier == "memory" else _prompt(llm, rng, 2 * args.offload_block_size + 1)
-        _tier_run(llm, tier, prompt)
+        _tier_run(llm, args, tier, prompt)
     _one_decode_run(llm, args, rng, {"offload": False}, max_tokens=2)
 
 
@@ -309,7 +316,7 @@ def _tier_rows(llm, args: argparse.Namespace, tiers: list[str], rng: random.Rand
         for n in args.prompt_lens:
             for tier in tiers:
                 _phase(f"TTFT {tier}, {n} tokens, repeat {rep + 1}/{args.repeats}")
-                runs.setdefault((tier, n), []).append(_tier_run(llm, tier, _prompt(llm, rng, n)))
+                runs.setdefault((tier, n), []).append(_tier_run(llm, args, tier, _prompt(llm, rng, n)))
     if args.trace_dir:
         for n in args.prompt_lens:
             for tier in tiers:
@@ -326,15 +333,21 @@ def _traced_hit(llm, trace_dir: str, tier: str, prompt: list[int]) -> None:
         _hit(llm, tier, prompt)
 
 
-def _tier_run(llm, tier: str, prompt: list[int]) -> TierRun:
-    """Cold TTFT (blocks saved to `tier` only), then TTFT with the prefix coming from `tier`."""
+def _tier_run(llm, args: argparse.Namespace, tier: str, prompt: list[int]) -> TierRun:
+    """Cold TTFT (blocks saved to `tier` only), then TTFT with the prefix coming from `tier`; for a
+    Redis or S3 tier, its bare client's rate reading the same bytes right after."""
+    tier_configs = args.tier_configs
     cold_s, saved_bytes, save_s, dropped = _cold(llm, tier, prompt)
     llm.engine.core.kv.pool.reset_prefix_cache()
     d2h = _copy_gb_per_s(saved_bytes, llm.engine.core.device, to_device=False)
     hit_s, hit_tokens, loaded_tokens, loaded_bytes, load_s = _hit(llm, tier, prompt)
     h2d = _copy_gb_per_s(loaded_bytes, llm.engine.core.device, to_device=True)
+    raw = None
+    if tier in tier_configs and loaded_bytes:
+        block_bytes = _block_bytes(llm, args)
+        raw = raw_get_gb_per_s(tier_configs[tier], loaded_bytes // block_bytes, block_bytes)
     return TierRun(tier, len(prompt), cold_s, hit_s, saved_bytes, save_s, dropped, d2h, hit_tokens,
-                   loaded_tokens, loaded_bytes, load_s, h2d)
+                   loaded_tokens, loaded_bytes, load_s, h2d, raw)
 
 
 def _metrics(llm) -> dict[str, float]:
@@ -594,7 +607,7 @@ def format_result(r: dict) -> str:
     lines = [f"offload: {c['model']}, {c['dtype']} on {c['device']}, {c['offload_block_size']}-token blocks"
              + (f", medians of {c['repeats']} repeats [min-max]" if banded else ""),
              common.table(["tier", "prompt", "cold s", "hit s", "hit/cold", "load GB/s", "H2D copy GB/s", "of copy",
-                           "save GB/s", "D2H copy GB/s", "of copy"],
+                           "raw GB/s", "of raw", "save GB/s", "D2H copy GB/s", "of copy"],
                           [_table_row(row, banded) for row in r["ttft"]])]
     lines += _decode_lines(r)
     return "\n".join(lines)
@@ -609,7 +622,8 @@ def _table_row(row: dict, banded: bool) -> list:
         return f"{show(band[1])} [{show(band[0])}-{show(band[2])}]" if banded else show(band[1])
 
     return [row["tier"], row["prompt_tokens"], row["cold_ttft_s"], row["hit_ttft_s"], cell("hit_over_cold"),
-            cell("load_gb_per_s"), row["h2d_copy_gb_per_s"], cell("load_of_copy", True), cell("save_gb_per_s"),
+            cell("load_gb_per_s"), row["h2d_copy_gb_per_s"], cell("load_of_copy", True), cell("raw_gb_per_s"),
+            cell("load_of_raw", True), cell("save_gb_per_s"),
             row["d2h_copy_gb_per_s"], cell("save_of_copy", True)]
 
 
