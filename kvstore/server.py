@@ -285,28 +285,55 @@ class CallLimitsInterceptor(grpc.ServerInterceptor):
         service, _, method = handler_call_details.method.lstrip("/").partition("/")
         if handler is None or service != SERVICE_NAME:
             return handler
-        deserializer = handler.request_deserializer
-        if not handler.request_streaming:
+        if handler.request_streaming:
+            deserializer = _lenient(handler.request_deserializer)
+        else:
             deserializer = _size_checked(handler.request_deserializer, self._request_bytes[method])
         gates = [(self._calls, f"{self._max_calls} KVStore calls are running (max_concurrent_rpcs)")]
         if method == "Put":
             gates.append((self._puts, f"{self._max_calls // 2} Put streams are running (half of "
                                       f"max_concurrent_rpcs)"))
+        behavior = behavior_of(handler)
+        if handler.request_streaming:
+            behavior = _stream_parsed(behavior, method)
         gated = _gated_stream if handler.response_streaming else _gated_unary
-        return rewrapped(handler, gated(behavior_of(handler), method, gates), deserializer)
+        return rewrapped(handler, gated(behavior, method, gates), deserializer)
 
 
-def _size_checked(deserializer, limit: int):
+def _lenient(deserializer):
+    """`deserializer`, returning _Unparsable for bytes that are not the message: gRPC would answer
+    INTERNAL ("Exception deserializing request!"), but they are the caller's bytes."""
     def parse(data: bytes):
-        if len(data) > limit:
-            return _Oversized(len(data), limit)
         try:
             return deserializer(data)
         except DecodeError:
-            # gRPC would answer INTERNAL ("Exception deserializing request!"): it is the caller's bytes.
             return _Unparsable()
 
     return parse
+
+
+def _size_checked(deserializer, limit: int):
+    lenient = _lenient(deserializer)
+
+    def parse(data: bytes):
+        if len(data) > limit:
+            return _Oversized(len(data), limit)
+        return lenient(data)
+
+    return parse
+
+
+def _stream_parsed(behavior, method: str):
+    """`behavior` of a request-streaming method, whose call is aborted (INVALID_ARGUMENT) at the
+    first message of the stream that did not parse."""
+    def parsed(requests: Iterator, context: grpc.ServicerContext) -> Iterator:
+        for request in requests:
+            if isinstance(request, _Unparsable):
+                _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                       f"request: a message of the stream is not a valid {method} request message")
+            yield request
+
+    return lambda requests, context: behavior(parsed(requests, context), context)
 
 
 def _admit(request, context: grpc.ServicerContext, method: str, gates) -> list[threading.BoundedSemaphore]:
