@@ -21,6 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, Vali
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class ConfigError(ValueError):
@@ -175,7 +176,7 @@ class ObjTierConfig(_Strict):
 
     type: Literal["obj", "s3"]
     name: str | None = None
-    bucket: Annotated[str, Field(min_length=1, max_length=63)]
+    bucket: str
     endpoint_override: str | None = None
     scheme: Literal["http", "https"] = "https"
     access_key: SecretStr | None = None
@@ -192,6 +193,15 @@ class ObjTierConfig(_Strict):
     @classmethod
     def _alias(cls, value: str) -> str:
         return "obj"
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        # S3's own rule; a name it refuses would only fail at the first request, as a tier outage.
+        if not _BUCKET_RE.fullmatch(value):
+            raise ValueError("expected an S3 bucket name: 3-63 characters, lowercase letters, digits, dots and "
+                             "hyphens, beginning and ending with a letter or digit")
+        return value
 
     @model_validator(mode="after")
     def _keys_in_pairs(self) -> "ObjTierConfig":
@@ -275,8 +285,31 @@ def _describe(error: ValidationError, where: str) -> ConfigError:
     return ConfigError("invalid kvstore config: " + "; ".join(lines))
 
 
+def _check_keys_are_text(data: Any, where: str) -> None:
+    """Raise ConfigError naming the first mapping key that is not valid Unicode text (a lone
+    surrogate, from a YAML or JSON escape): pydantic reports it with no key at all ("(top level)")."""
+    pending: list[tuple[Any, str]] = [(data, where)]
+    seen: set[int] = set()   # YAML anchors can make a container hold itself
+    while pending:   # a loop, not recursion: parsed configs may nest thousands deep
+        value, path = pending.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, child in items:
+            name = key if isinstance(key, str) else str(key)
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = name.encode("ascii", "backslashreplace").decode()
+                raise ConfigError(f"invalid kvstore config: {path}{'.' if path else ''}{shown}: a key that is not "
+                                  f"valid Unicode text (a lone surrogate)") from None
+            pending.append((child, f"{path}.{name}" if path else name))
+
+
 def parse_tiers(tiers: list[dict]) -> list[TierConfig]:
     """Validate a list of tier dicts (the engine's "secondary_tiers" shape)."""
+    _check_keys_are_text(tiers, "tiers")
     try:
         parsed = _TIER_LIST.validate_python(tiers)
         _check_unique_names(parsed)
@@ -291,6 +324,7 @@ def parse_store_config(data: dict) -> StoreConfig:
     """Validate an already-loaded config mapping."""
     if not isinstance(data, dict):
         raise ConfigError("invalid kvstore config: expected a mapping at the top level")
+    _check_keys_are_text(data, "")
     try:
         return StoreConfig.model_validate(data)
     except ValidationError as error:

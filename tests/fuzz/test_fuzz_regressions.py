@@ -1,8 +1,7 @@
 """What the fuzz tests (tests/fuzz/test_fuzz_*.py) found: each case as an explicit regression test.
 
-A case still marked xfail(strict=True) is a bug not fixed yet: once it is, the strict xfail fails and
-the marker goes (the fuzz strategies steer clear of these exact inputs so that they keep searching
-for new ones; see each reason).
+Each was a strict xfail until fixed; a new finding is pinned the same way (xfail(strict=True), which
+fails loudly once fixed, and then the marker goes).
 """
 
 from __future__ import annotations
@@ -50,12 +49,17 @@ def test_store_config_file_deep_nesting_is_a_config_error(tmp_path):
         load_store_config(path)
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="kvstore.config._describe: a key holding a lone surrogate is reported as '(top level): "
-                          "Input should be a valid string' - the ConfigError names no key")
 def test_store_config_surrogate_key_is_named(tmp_path):
     path = tmp_path / "store.yaml"
     path.write_text('"\\uD800": null\n')
     with pytest.raises(ConfigError) as raised:
         load_store_config(path)
-    assert "(top level)" not in str(raised.value)
+    assert str(raised.value) == ("invalid kvstore config: \\ud800: a key that is not valid Unicode text "
+                                 "(a lone surrogate)")
+
+
+def test_store_config_nested_surrogate_key_is_named():
+    with pytest.raises(ConfigError) as raised:
+        parse_store_config({"tiers": [{"type": "memory", "\ud800": 1}]})
+    assert str(raised.value) == ("invalid kvstore config: tiers.0.\\ud800: a key that is not valid Unicode "
+                                 "text (a lone surrogate)")

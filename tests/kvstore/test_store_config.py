@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kvstore.config import ConfigError, load_store_config, parse_bytes, parse_tiers
+from kvstore.config import ConfigError, load_store_config, parse_bytes, parse_store_config, parse_tiers
 
 
 def test_issue_example_parses(tmp_path):
@@ -16,7 +16,7 @@ def test_issue_example_parses(tmp_path):
         "tiers:\n"
         "  - {type: memory, bytes: 8GiB}\n"
         '  - {type: redis, url: "redis://localhost:6379/0", ttl_s: 86400}\n'
-        '  - {type: obj, bucket: kv, endpoint_override: "localhost:9000", scheme: http,'
+        '  - {type: obj, bucket: kvs, endpoint_override: "localhost:9000", scheme: http,'
         " access_key: AKIDSECRET, secret_key: SKSECRET, region: us-east-1}\n"
     )
     cfg = load_store_config(path)
@@ -29,7 +29,7 @@ def test_issue_example_parses(tmp_path):
 
 def test_json_and_s3_alias(tmp_path):
     path = tmp_path / "kvstore.json"
-    path.write_text(json.dumps({"tiers": [{"type": "s3", "bucket": "b", "name": "cold"}], "max_message_bytes": "16MiB"}))
+    path.write_text(json.dumps({"tiers": [{"type": "s3", "bucket": "bkt", "name": "cold"}], "max_message_bytes": "16MiB"}))
     cfg = load_store_config(path)
     assert cfg.tiers[0].type == "obj" and cfg.tiers[0].tier_name == "cold"
     assert cfg.max_message_bytes == 16 * 2**20
@@ -43,7 +43,7 @@ def test_json_and_s3_alias(tmp_path):
         ([{"type": "memory", "bytes": "8XB"}], "tiers.0.memory.bytes: expected a byte size such as 8GiB"),
         ([{"type": "tape"}], "tiers.0: Input tag 'tape' found using 'type' does not match"),
         ([{"type": "memory"}, {"type": "memory"}], "tier names must be unique; repeated: ['memory']"),
-        ([{"type": "obj", "bucket": "b", "access_key": "AKIDSECRET"}], "access_key and secret_key must be given together"),
+        ([{"type": "obj", "bucket": "bkt", "access_key": "AKIDSECRET"}], "access_key and secret_key must be given together"),
         ([{"type": "redis", "url": "unix:///run/SECRET.sock", "cluster": True}],
          "tiers.0.redis.cluster: a Redis Cluster is reached over redis:// or rediss://"),
         ([{"type": "redis", "url": "redis://:SECRET@h:1/2", "cluster": True}],
@@ -61,6 +61,22 @@ def test_bad_tiers_name_the_key(tiers, message):
         parse_tiers(tiers)
     assert message in str(err.value)
     assert "SECRET" not in str(err.value)
+
+
+BUCKET_RULE = ("expected an S3 bucket name: 3-63 characters, lowercase letters, digits, dots and hyphens, "
+               "beginning and ending with a letter or digit")
+
+
+@pytest.mark.parametrize("bucket", ["b", "ab", "x" * 64, "Tierkv", "tierkv_kv", "-tierkv", "tierkv.", ""])
+def test_bucket_names_s3_refuses_are_config_errors(bucket):
+    with pytest.raises(ConfigError) as err:
+        parse_store_config({"tiers": [{"type": "obj", "bucket": bucket}]})
+    assert str(err.value) == f"invalid kvstore config: tiers.0.obj.bucket: {BUCKET_RULE}"
+
+
+@pytest.mark.parametrize("bucket", ["abc", "x" * 63, "tierkv-kv", "kv.cache-01", "0ab"])
+def test_bucket_names_s3_accepts(bucket):
+    assert parse_store_config({"tiers": [{"type": "obj", "bucket": bucket}]}).tiers[0].bucket == bucket
 
 
 def test_bad_file_reports_position_not_content(tmp_path):

@@ -52,7 +52,7 @@ def test_daemon_put_and_commit_slots_refuse_the_ttl_and_redis_stays_up(redis_url
 
 @pytest.mark.parametrize("tier_type", ["memory", "redis", "obj"])
 def test_a_tiers_own_ttl_is_bounded_too(tier_type):
-    tier = {"memory": {"type": "memory"}, "redis": {"type": "redis"}, "obj": {"type": "obj", "bucket": "b"}}[tier_type]
+    tier = {"memory": {"type": "memory"}, "redis": {"type": "redis"}, "obj": {"type": "obj", "bucket": "bkt"}}[tier_type]
     for ttl_s in (math.inf, math.nan, TEN_YEARS + 1, 0):
         with pytest.raises(ConfigError, match=r"ttl_s"):
             parse_tiers([{**tier, "ttl_s": ttl_s}])
