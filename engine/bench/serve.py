@@ -110,8 +110,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=("shared-prefix",), default="shared-prefix",
                    help="synthetic conversations sharing system prefixes (the only one)")
     p.add_argument("--num-prefixes", type=int, default=4, help="conversation groups, one shared prefix each")
-    p.add_argument("--prefix-len", type=int, default=512, help="tokens of each shared system prefix (words where the server has no /tokenize)")
-    p.add_argument("--input-len", type=int, default=64, help="tokens of new user text per turn (words where the server has no /tokenize)")
+    p.add_argument("--prefix-len", type=int, default=512,
+                   help="tokens of each shared system prefix (words where the server has no /tokenize)")
+    p.add_argument("--input-len", type=int, default=64,
+                   help="tokens of new user text per turn (words where the server has no /tokenize)")
     p.add_argument("--output-len", type=int, default=32, help="tokens generated per request (exactly: ignore_eos)")
     p.add_argument("--turns", type=int, default=1,
                    help="turns per conversation; turn k's prompt is turn k-1's prompt + answer + new user text")
@@ -129,7 +131,10 @@ def run(args: argparse.Namespace) -> int:
         from engine.bench.serve_plot import require_matplotlib
 
         require_matplotlib()  # before the run, not after minutes of it
-    result = asyncio.run(benchmark(config))
+    try:
+        result = asyncio.run(benchmark(config))
+    except httpx.HTTPError as err:  # before the run: listing the models, counting tokens, reading /metrics
+        raise SystemExit(f"tierkv bench serve: {config.base_url} failed: {type(err).__name__}: {err}") from None
     print(format_report(result["config"], result["summary"]))
     common.write_json(config.result_json, result)
     if config.plot:

@@ -121,7 +121,7 @@ async def first_model(client: httpx.AsyncClient, base_url: str, headers: dict[st
     response.raise_for_status()
     models = response.json().get("data") or []
     if not models:
-        raise RuntimeError(f"{base_url}/v1/models lists no model; pass --model")
+        raise SystemExit(f"tierkv bench serve: {base_url}/v1/models lists no model; pass --model")
     return models[0]["id"]
 
 

@@ -116,6 +116,7 @@ def summarize(records: Sequence[RequestRecord], duration: float, counters_before
     output_tokens = sum(r.output_tokens for r in done)
     reported = [r for r in done if r.cached_tokens is not None and r.prompt_tokens is not None]
     tpots = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    cached, prompt = sum(r.cached_tokens for r in reported), sum(r.prompt_tokens for r in reported)
     return {
         "completed": len(done), "failed": len(records) - len(done), "duration_s": duration,
         "request_throughput": len(done) / duration, "input_tokens": input_tokens, "output_tokens": output_tokens,
@@ -124,9 +125,8 @@ def summarize(records: Sequence[RequestRecord], duration: float, counters_before
         "ttft_ms": _stats_ms([r.ttft for r in done]), "tpot_ms": _stats_ms(tpots),
         "itl_ms": _stats_ms([gap for r in done for gap in r.itls]), "e2e_ms": _stats_ms([r.e2e for r in done]),
         "prefix_cache": prefix_cache_deltas(counters_before, counters_after),
-        "cached_tokens": {"reported": bool(reported), "cached": sum(r.cached_tokens for r in reported),
-                          "prompt": sum(r.prompt_tokens for r in reported),
-                          "rate": _rate(sum(r.cached_tokens for r in reported), sum(r.prompt_tokens for r in reported))},
+        "cached_tokens": {"reported": bool(reported), "cached": cached, "prompt": prompt,
+                          "rate": _rate(cached, prompt)},
         "hit_basis": "server" if reported else "dataset",
         "by_hit_source": _group_rows(done, lambda r: r.hit_source, "hit_source"),
         "by_turn": _group_rows(done, lambda r: r.turn + 1, "turn"),

@@ -84,6 +84,11 @@ def test_bad_options_name_the_option():
         main(["bench", "serve", "--endpoint", "/v1/embeddings"])
 
 
+def test_an_unreachable_server_is_a_clear_error():
+    with pytest.raises(SystemExit, match=r"http://127.0.0.1:1 failed: ConnectError"):
+        main(["bench", "serve", "--base-url", "http://127.0.0.1:1", "--disable-tqdm"])
+
+
 def test_plot_without_matplotlib_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     with pytest.raises(SystemExit, match=r"pip install 'tierkv\[bench\]'"):
