@@ -25,6 +25,7 @@ from engine.connector.slab_transfer import SlabTransfer
 from engine.connector.transfer import BlockTransfer
 from engine.core.request import Request
 from engine.core.sched_output import SchedulerOutput
+from kvstore.backoff import Backoff, Cooldown
 from kvstore.checksum import CHUNK_BYTES
 from kvstore.config import ConfigError
 from kvstore.store import LookupResult
@@ -36,7 +37,7 @@ _NO_OFFLOAD = Decision(load=False, save=False)
 _LOAD_STAGING_SLOTS = 64
 # After a failed lookup, admissions skip the store (a miss) for this long, doubling per failure:
 # a dead daemon must not cost every new request a connection attempt on the scheduler's path.
-_LOOKUP_BACKOFF_S = (0.5, 10.0)
+_LOOKUP_BACKOFF = Backoff(initial_s=0.5, max_s=10.0)
 
 
 @dataclass
@@ -94,8 +95,7 @@ class OffloadingConnector:
             self.transfer = SlabTransfer(kv_cache, self.store, namespace, self.pages_per_block, self.metrics,
                                          self.cost)
         self._requests: dict[str, _RequestOffload] = {}
-        self._lookup_backoff_s = _LOOKUP_BACKOFF_S[0]
-        self._lookups_resume_at = 0.0
+        self._lookup_cooldown = Cooldown(_LOOKUP_BACKOFF)
 
     # --- admission ------------------------------------------------------------------------------
     def _state(self, request: Request, gpu_hit_tokens: int) -> _RequestOffload:
@@ -155,19 +155,16 @@ class OffloadingConnector:
 
     def _lookup(self, request: Request, keys: list[bytes]) -> LookupResult | None:
         """One Lookup; None (a miss) when the store fails or is backing off after a failure."""
-        now = time.monotonic()
-        if now < self._lookups_resume_at:
+        if not self._lookup_cooldown.ready():
             return None
         try:
             found = self.store.lookup(self.namespace, keys)
         except Exception as e:  # noqa: BLE001 - a store that cannot answer is a miss
             self.metrics.inc(self.metrics.store_errors, op="lookup")
             logger.warning("store lookup failed for %s: %s; skipping lookups for %.1f s", request.request_id, e,
-                           self._lookup_backoff_s)
-            self._lookups_resume_at = now + self._lookup_backoff_s
-            self._lookup_backoff_s = min(2 * self._lookup_backoff_s, _LOOKUP_BACKOFF_S[1])
+                           self._lookup_cooldown.failed())
             return None
-        self._lookup_backoff_s = _LOOKUP_BACKOFF_S[0]
+        self._lookup_cooldown.succeeded()
         self.metrics.inc(self.metrics.lookups)
         return found
 

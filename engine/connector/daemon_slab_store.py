@@ -17,12 +17,12 @@ and stats go through the short-deadline lookup client.
 from __future__ import annotations
 
 import logging
-import time
 from itertools import takewhile
 
 import torch
 
 from engine.connector.pinned_segments import PinnedSegments
+from kvstore.backoff import Backoff, Cooldown
 from kvstore.checksum import block_tag, data_checksum
 from kvstore.client import KVStoreClient, RetryPolicy
 from kvstore.slab import SlotBlock
@@ -32,7 +32,7 @@ from kvstore.store import LookupResult, TierUsage
 logger = logging.getLogger(__name__)
 
 # After a failed allocation, saves skip the daemon this long, doubling per failure.
-_ALLOCATE_BACKOFF_S = (0.5, 10.0)
+_ALLOCATE_BACKOFF = Backoff(initial_s=0.5, max_s=10.0)
 
 
 class DaemonSlabStore:
@@ -48,8 +48,7 @@ class DaemonSlabStore:
         self._lookups = lookups
         self._pinned = pinned
         self._allocate_timeout_s = allocate_timeout_s
-        self._allocate_backoff_s = _ALLOCATE_BACKOFF_S[0]
-        self._allocate_resumes_at = 0.0
+        self._allocate_cooldown = Cooldown(_ALLOCATE_BACKOFF)
 
     @classmethod
     def connect(cls, url: str, token: str | None, block_bytes: int, pin: bool, tier_names: list[str],
@@ -73,18 +72,15 @@ class DaemonSlabStore:
     # --- what SlabTransfer asks of a slab store ---------------------------------------------------
     def allocate(self, count: int) -> list[int]:
         """Lease up to `count` empty slots; [] while the daemon fails (backing off) or is detached."""
-        now = time.monotonic()
-        if now < self._allocate_resumes_at:
+        if not self._allocate_cooldown.ready():
             return []
         try:
             slots = self.slab.allocate(count, timeout=self._allocate_timeout_s)
         except Exception as e:  # noqa: BLE001 - on the engine thread: a failed save, never a failed step
             logger.warning("leasing %d slab slot(s) failed: %s; saves skip the daemon for %.1f s", count, e,
-                           self._allocate_backoff_s)
-            self._allocate_resumes_at = now + self._allocate_backoff_s
-            self._allocate_backoff_s = min(2 * self._allocate_backoff_s, _ALLOCATE_BACKOFF_S[1])
+                           self._allocate_cooldown.failed())
             return []
-        self._allocate_backoff_s = _ALLOCATE_BACKOFF_S[0]
+        self._allocate_cooldown.succeeded()
         return slots
 
     def acquire(self, namespace: str, keys: list[bytes]) -> list[SlotBlock]:

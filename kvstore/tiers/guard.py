@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from kvstore import tier_metrics
+from kvstore.backoff import Backoff, Cooldown
 from kvstore.tiers.base import TierError
 
 log = logging.getLogger(__name__)
@@ -26,12 +27,9 @@ class TierGuard:
 
     def __init__(self, tier_name: str, initial_backoff_s: float = 0.05, max_backoff_s: float = 2.0):
         self.tier_name = tier_name
-        self.initial_backoff_s = initial_backoff_s
-        self.max_backoff_s = max_backoff_s
         self._lock = threading.Lock()
         self._down_since: float | None = None
-        self._backoff_s = initial_backoff_s
-        self._retry_at = 0.0
+        self._cooldown = Cooldown(Backoff(initial_backoff_s, max_backoff_s))
         tier_metrics.UP.labels(tier_name).set(1)
 
     @property
@@ -66,24 +64,16 @@ class TierGuard:
         if self._down_since is None:
             return True
         with self._lock:
-            now = time.monotonic()
-            if now < self._retry_at:
-                return False
             # This caller is the probe; others keep skipping until it has answered.
-            self._retry_at = now + self._backoff_s
-            return True
+            return self._cooldown.claim()
 
     def _failed(self, op: str, error: Exception) -> None:
         tier_metrics.ERRORS.labels(self.tier_name, op).inc()
         with self._lock:
-            now = time.monotonic()
             first = self._down_since is None
             if first:
-                self._down_since = now
-                self._backoff_s = self.initial_backoff_s
-            else:
-                self._backoff_s = min(self._backoff_s * 2, self.max_backoff_s)
-            self._retry_at = now + self._backoff_s
+                self._down_since = time.monotonic()
+            self._cooldown.failed()
         tier_metrics.UP.labels(self.tier_name).set(0)
         if first:
             # A TierError is an expected outage; anything else is a bug worth a traceback.
@@ -98,6 +88,6 @@ class TierGuard:
                 return
             outage = time.monotonic() - self._down_since
             self._down_since = None
-            self._backoff_s = self.initial_backoff_s
+            self._cooldown.succeeded()
         tier_metrics.UP.labels(self.tier_name).set(1)
         log.warning("tier %s recovered after %.1f s", self.tier_name, outage)
