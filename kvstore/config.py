@@ -249,6 +249,9 @@ class StoreConfig(_Strict):
     tiers: list[TierConfig] = Field(default_factory=lambda: [MemoryTierConfig(type="memory")], min_length=1)
     promote_on_hit: bool = True
     max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 2**20
+    # Block bytes of Put streams the daemon holds at once (received, not yet in the store); a block
+    # that would pass it is refused (RESOURCE_EXHAUSTED). None: `inflight_put_bytes`' default.
+    max_inflight_put_bytes: Annotated[int, Field(ge=1024)] | None = None
     max_keys_per_call: Annotated[int, Field(ge=1)] = 4096
     max_key_bytes: Annotated[int, Field(ge=1)] = 64
     max_namespace_len: Annotated[int, Field(ge=1)] = 128
@@ -265,6 +268,29 @@ class StoreConfig(_Strict):
     @classmethod
     def _size(cls, value: Any) -> int:
         return parse_bytes(value)
+
+    @field_validator("max_inflight_put_bytes", mode="before")
+    @classmethod
+    def _optional_size(cls, value: Any) -> int | None:
+        return None if value is None else parse_bytes(value)
+
+    @field_validator("max_inflight_put_bytes")
+    @classmethod
+    def _holds_a_block(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value < info.data.get("max_message_bytes", 0):
+            raise ValueError("must be at least max_message_bytes (the largest block), or no Put of such a block "
+                             "could ever be admitted")
+        return value
+
+    @property
+    def inflight_put_bytes(self) -> int:
+        """The cap on Put bytes held in flight: `max_inflight_put_bytes`, by default half the memory
+        tiers' budget (in flight and stored, the daemon then holds at most 1.5 times its budget in
+        blocks), and never less than one block of max_message_bytes."""
+        if self.max_inflight_put_bytes is not None:
+            return self.max_inflight_put_bytes
+        memory = sum(tier.bytes for tier in self.tiers if isinstance(tier, MemoryTierConfig))
+        return max(self.max_message_bytes, memory // 2)
 
     @model_validator(mode="after")
     def _consistent(self) -> "StoreConfig":

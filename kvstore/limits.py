@@ -12,8 +12,11 @@ keys is turned away without building a million Python objects.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from dataclasses import dataclass
+
+from prometheus_client import Gauge
 
 from kvstore.config import StoreConfig, check_expires_at, check_ttl_s
 
@@ -109,3 +112,38 @@ class Limits:
             check_expires_at(expires_at, time.time(), f"blocks[{index}].expires_at")
         except ValueError as error:
             raise LimitError(str(error)) from None
+
+
+class InflightBytes:
+    """The block bytes Put streams hold in the daemon (admitted, not yet handed to the store), kept
+    at most `cap` and shown on `gauge`.
+
+    A stream reserves a block's declared size before it receives the block's bytes and releases it
+    once the block is stored or the stream ends; a reservation that does not fit is refused at once
+    (the caller answers RESOURCE_EXHAUSTED), never queued, like the daemon's other admission limits.
+    """
+
+    def __init__(self, cap: int, gauge: Gauge):
+        self.cap = cap
+        self._gauge = gauge
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def reserve(self, size: int) -> bool:
+        with self._lock:   # the gauge too: a release shown after the next reservation would pass the cap
+            if self._held + size > self.cap:
+                return False
+            self._held += size
+            self._gauge.inc(size)
+        return True
+
+    def release(self, size: int) -> None:
+        if not size:
+            return
+        with self._lock:
+            self._held -= size
+            self._gauge.dec(size)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import grpc
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from kvstore.rpc_handlers import behavior_of, rewrapped
 
@@ -25,6 +25,9 @@ RPC_LATENCY = Histogram("kvstore_rpc_duration_seconds", "Latency of kvstore RPCs
                         ["method"], buckets=_LATENCY_BUCKETS)
 RPC_TOTAL = Counter("kvstore_rpcs", "kvstore RPCs by method and final status code", ["method", "code"])
 RPC_BYTES = Counter("kvstore_rpc_payload_bytes", "Block payload bytes carried by RPCs", ["method"])
+INFLIGHT_PUT_BYTES = Gauge("kvstore_inflight_put_bytes",
+                           "Block bytes of Put streams admitted and held by the daemon, not yet in the store "
+                           "(at most max_inflight_put_bytes)")
 
 
 def start_metrics_server(port: int, host: str = "0.0.0.0"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,13 +29,13 @@ from kvstore import metrics
 from kvstore.auth import TokenAuthInterceptor, token_from_env
 from kvstore.checksum import SealedBlock
 from kvstore.config import ConfigError, StoreConfig
-from kvstore.limits import LimitError, Limits
+from kvstore.limits import InflightBytes, LimitError, Limits
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.rpc_handlers import behavior_of, rewrapped
 from kvstore.slab_sessions import CommitEntry, SlabError, SlabSessions
 from kvstore.store import TieredStore
-from kvstore.streaming import CHUNK_BYTES, BlockAssembler, IdleWatchdog, StreamIdle, block_messages
+from kvstore.streaming import CHUNK_BYTES, BlockAssembler, IdleWatchdog, StreamIdle, framed_block
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     """Validates each request against the limits, then calls the store."""
 
     def __init__(self, store: TieredStore, limits: Limits, tier_names: list[str], slab: SlabSessions,
-                 idle: IdleWatchdog):
+                 idle: IdleWatchdog, inflight: InflightBytes):
         self._store = store
+        self._inflight = inflight
         self._limits = limits
         self._tier_names = tier_names
         self._slab = slab
@@ -102,35 +103,41 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     def _put_blocks(self, stream, namespace: str, tiers: list[str] | None, ttl_s: float | None,
                     context: grpc.ServicerContext) -> int:
         assembler = BlockAssembler(self._limits.max_message_bytes)
-        batch: list[tuple[bytes, SealedBlock]] = []
-        batch_bytes = stored = 0
-        for message in stream:
-            kind = message.WhichOneof("item")
-            if kind == "block":
-                index = assembler.blocks_started
-                self._limits.check_key(message.block.key, index)
-                self._limits.check_block_count(index + 1)
-                self._limits.check_expires_at(message.block.expires_at or None, index)
-                done = assembler.start(message.block)
-            elif kind == "data":
-                done = assembler.data(message.data)
-            else:
-                raise LimitError("a Put stream carries one PutHeader, first; then BlockStart and data messages")
-            if done is None:
-                continue
-            key, block = done
-            if not block.intact(namespace, key):
-                _abort(context, grpc.StatusCode.DATA_LOSS,
-                       f"blocks[{assembler.blocks_started - 1}]: checksum mismatch, the payload was corrupted in "
-                       f"transit or sealed for another namespace or key; {stored} earlier blocks were stored, "
-                       f"resend the rest")
-            batch.append((key, block))
-            batch_bytes += len(block.payload)
-            if batch_bytes >= PUT_FLUSH_BYTES:
-                stored += self._store_batch(namespace, batch, tiers, ttl_s, "Put")
-                batch, batch_bytes = [], 0
-        assembler.finish()
-        return stored + self._store_batch(namespace, batch, tiers, ttl_s, "Put")
+        batch = _PutBatch(lambda blocks: self._store_batch(namespace, blocks, tiers, ttl_s, "Put"), self._inflight)
+        try:
+            for message in stream:
+                kind = message.WhichOneof("item")
+                if kind == "block":
+                    index = assembler.blocks_started
+                    self._limits.check_key(message.block.key, index)
+                    self._limits.check_block_count(index + 1)
+                    self._limits.check_expires_at(message.block.expires_at or None, index)
+                    self._limits.check_block_size(message.block.size, index)
+                    assembler.check_between_blocks()
+                    if not batch.admit(message.block.size):
+                        _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"blocks[{index}]: {message.block.size} bytes would pass the daemon's bytes of Put "
+                               f"streams in flight ({self._inflight.cap}, max_inflight_put_bytes); {batch.stored} "
+                               f"earlier blocks were stored, retry the rest later")
+                    done = assembler.start(message.block)
+                elif kind == "data":
+                    done = assembler.data(message.data)
+                else:
+                    raise LimitError("a Put stream carries one PutHeader, first; then BlockStart and data messages")
+                if done is None:
+                    continue
+                key, block = done
+                if not block.intact(namespace, key):
+                    _abort(context, grpc.StatusCode.DATA_LOSS,
+                           f"blocks[{assembler.blocks_started - 1}]: checksum mismatch, the payload was corrupted in "
+                           f"transit or sealed for another namespace or key; {batch.stored} earlier blocks were "
+                           f"stored, resend the rest")
+                batch.add(key, block)
+            assembler.finish()
+            batch.flush()
+            return batch.stored
+        finally:
+            batch.close()
 
     def _store_batch(self, namespace: str, batch: list[tuple[bytes, SealedBlock]], tiers: list[str] | None,
                      ttl_s: float | None, method: str) -> int:
@@ -152,8 +159,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     yield pb.GetResponse(miss=pb.Miss(key=key))
                     continue
                 metrics.RPC_BYTES.labels(method="Get").inc(len(block.payload))
-                for part in block_messages(key, block, CHUNK_BYTES):
-                    yield pb.GetResponse(block=part) if isinstance(part, pb.BlockStart) else pb.GetResponse(data=part)
+                yield from framed_block(pb.GetResponse, key, block, CHUNK_BYTES)
 
     def Delete(self, request: pb.KeysRequest, context: grpc.ServicerContext) -> pb.CountResponse:
         keys = self._checked(context, request.namespace, list(request.keys))
@@ -248,6 +254,46 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         except LimitError as error:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return keys
+
+
+class _PutBatch:
+    """The verified blocks of one Put stream not yet stored, handed to the store every
+    PUT_FLUSH_BYTES, and the in-flight bytes they (and the block being received) hold."""
+
+    def __init__(self, store: Callable[[list[tuple[bytes, SealedBlock]]], int], inflight: InflightBytes):
+        self._store = store
+        self._inflight = inflight
+        self._blocks: list[tuple[bytes, SealedBlock]] = []
+        self._bytes = 0
+        self._reserved = 0
+        self.stored = 0
+
+    def admit(self, size: int) -> bool:
+        """Reserve a block's bytes before they arrive; False when they do not fit even after this
+        stream's own blocks went to the store (then only other streams' bytes are in the way)."""
+        if not self._inflight.reserve(size):
+            self.flush()
+            if not self._inflight.reserve(size):
+                return False
+        self._reserved += size
+        return True
+
+    def add(self, key: bytes, block: SealedBlock) -> None:
+        self._blocks.append((key, block))
+        self._bytes += len(block.payload)
+        if self._bytes >= PUT_FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Store the blocks held (between blocks: every reserved byte belongs to them) and release."""
+        blocks, self._blocks, self._bytes = self._blocks, [], 0
+        self.stored += self._store(blocks)
+        self.close()
+
+    def close(self) -> None:
+        """Release what this stream holds (its end, or a failure)."""
+        self._inflight.release(self._reserved)
+        self._reserved = 0
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
@@ -463,7 +509,8 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
     # Each slab session holds one RPC thread (its AttachSlab stream): keep half the calls for others.
     slab = SlabSessions(store, min(cfg.shm_max_sessions, max_calls // 2))
     idle = IdleWatchdog(cfg.stream_idle_timeout_s)
-    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, limits, tier_names, slab, idle), server)
+    inflight = InflightBytes(cfg.inflight_put_bytes, metrics.INFLIGHT_PUT_BYTES)
+    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, limits, tier_names, slab, idle, inflight), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 

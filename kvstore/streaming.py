@@ -40,6 +40,13 @@ def block_messages(key: bytes, block: SealedBlock, chunk_bytes: int = CHUNK_BYTE
         yield bytes(view[offset : offset + chunk_bytes])
 
 
+def framed_block(message_type, key: bytes, block: SealedBlock, chunk_bytes: int = CHUNK_BYTES) -> Iterator:
+    """`block_messages` wrapped in a stream's message type (PutRequest, GetResponse): its `block`
+    field for the BlockStart, its `data` field for each further chunk."""
+    for part in block_messages(key, block, chunk_bytes):
+        yield message_type(block=part) if isinstance(part, pb.BlockStart) else message_type(data=part)
+
+
 class BlockAssembler:
     """Reassembles blocks from a stream of BlockStart / data messages, in order.
 
@@ -59,10 +66,14 @@ class BlockAssembler:
     def in_block(self) -> bool:
         return self._start is not None
 
-    def start(self, start: pb.BlockStart) -> tuple[bytes, SealedBlock] | None:
+    def check_between_blocks(self) -> None:
+        """Raise LimitError if a block is still being received (a new one may not begin)."""
         if self._start is not None:
             raise LimitError(f"blocks[{self.blocks_started - 1}]: a new block began before its "
                              f"{self._start.size} bytes arrived (got {self._received})")
+
+    def start(self, start: pb.BlockStart) -> tuple[bytes, SealedBlock] | None:
+        self.check_between_blocks()
         if start.size > self._max_block_bytes:
             raise LimitError(f"blocks[{self.blocks_started}]: {start.size} bytes, the limit "
                              f"(max_message_bytes) is {self._max_block_bytes}")

@@ -63,3 +63,27 @@ def test_gives_up_after_its_attempts_with_the_last_status():
         assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         assert info.value.method == "Lookup"
         assert time.monotonic() - start < 5
+
+
+def test_a_restarted_daemon_is_reached_by_the_next_call():
+    """After an outage long enough for gRPC's reconnect backoff to grow, a call made right after the
+    daemon is back on the same port succeeds (the default retry window covers the reconnect)."""
+    port = free_port()
+    config = parse_store_config({"listen": f"127.0.0.1:{port}"})
+    daemon = serve(config, workers=4)
+    with KVStoreClient(f"grpc://127.0.0.1:{port}", timeout_s=2) as client:
+        assert client.put(NS, [(key(1), b"before")]) == 1
+        daemon.stop(0)
+        down_since = time.monotonic()
+        while time.monotonic() - down_since < 4:   # the channel fails, and backs off, for 4 s
+            with pytest.raises(KVStoreError) as info:
+                client.lookup(NS, [key(1)])
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        daemon = serve(config, workers=4)
+        try:
+            start = time.monotonic()
+            assert client.put(NS, [(key(2), b"after")]) == 1
+            assert time.monotonic() - start < 2
+            assert client.get(NS, [key(1), key(2)]) == [None, b"after"]
+        finally:
+            daemon.stop(0)
