@@ -28,8 +28,8 @@ from engine.server.completions import complete, start_completion, stream_complet
 from engine.server.errors import APIError, bad_request, from_validation_error, invalid_api_key, unknown_model
 from engine.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from engine.server.request_id import RequestIdHeader, request_id_of
-from engine.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from engine.server.sse import EventStreamResponse
+from engine.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from kvstore.version import package_version
 
 logger = logging.getLogger(__name__)

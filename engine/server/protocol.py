@@ -113,7 +113,7 @@ class TextPart(StrictRequest):
 
 class ChatMessage(StrictRequest):
     """One message of the conversation; an assistant's `tool_calls` and a tool's `tool_call_id` go to the
-    chat template as they are."""
+    chat template (each call's JSON `arguments` parsed, as vLLM does: `chat_template.template_messages`)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
