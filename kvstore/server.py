@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from kvstore.proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.rpc_handlers import behavior_of, rewrapped
 from kvstore.slab_sessions import CommitEntry, SlabError, SlabSessions
 from kvstore.store import TieredStore
-from kvstore.streaming import CHUNK_BYTES, BlockAssembler, IdleWatchdog, StreamIdle, framed_block
+from kvstore.streaming import CHUNK_BYTES, BlockAssembler, IdleWatchdog, StreamDraining, StreamIdle, framed_block
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ HEALTH_THREADS = 8
 # Clients may ping this often on a connection without calls before the daemon closes it (too_many_pings).
 MIN_CLIENT_PING_INTERVAL_MS = 10_000
 HEALTH_POLL_S = 1.0
+# After the grace period, how long streams have to take their next message and end themselves
+# (UNAVAILABLE "shutting down") before gRPC cancels every call left.
+DRAIN_CUT_S = 0.25
 _SLAB_CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "unavailable": grpc.StatusCode.FAILED_PRECONDITION,
                "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -90,6 +94,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except StreamIdle as error:
             _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
+        except StreamDraining as error:
+            _abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
 
     def _put_target(self, header: pb.PutHeader) -> tuple[list[str] | None, float | None]:
         """A Put header's (tiers, TTL), checked against the limits; raises LimitError."""
@@ -149,7 +155,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[pb.GetResponse]:
         keys = self._checked(context, request.namespace, list(request.keys))
-        return self._idle.outgoing(context, self._get_messages(request.namespace, keys))
+        try:
+            yield from self._idle.outgoing(context, self._get_messages(request.namespace, keys))
+        except StreamDraining as error:
+            _abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
 
     def _get_messages(self, namespace: str, keys: list[bytes]) -> Iterator[pb.GetResponse]:
         for first in range(0, len(keys), GET_BATCH_KEYS):
@@ -444,14 +453,20 @@ class ServerHandle:
         return self._metrics_http.server_port if self._metrics_http is not None else None
 
     def stop(self, grace_s: float = 2.0) -> None:
-        """Stop accepting calls, let running ones finish for `grace_s`, then close the store."""
+        """Stop accepting calls, let running ones finish for `grace_s`, then close the store. Streams
+        still running then end UNAVAILABLE "shutting down" at their next message; gRPC cancels
+        whatever is left DRAIN_CUT_S later."""
         if self._stopping.is_set():
             return
         self._stopping.set()
         self._health.enter_graceful_shutdown()
         # AttachSlab streams last as long as their sessions: end them, or every stop waits out the grace.
         self.slab.end_all()
-        self._server.stop(grace_s).wait()
+        self._idle.drain(time.monotonic() + grace_s)
+        self._server.stop(grace_s + DRAIN_CUT_S).wait()
+        if self._idle.drained:
+            log.info("%d stream(s) still running after the %g s grace period ended UNAVAILABLE (shutting down)",
+                     self._idle.drained, grace_s)
         self._idle.stop()
         self.slab.close()
         if self._monitor is not None:

@@ -9,7 +9,9 @@ receiver verifies it against the namespace and key it asked for.
 
 A stream is paced by its peer, and each one holds a daemon RPC thread while it waits: `IdleWatchdog`
 cancels a stream whose peer has sent nothing (Put) or read nothing (Get) for `idle_s`, so a client
-that opens streams and goes quiet cannot keep the daemon's threads.
+that opens streams and goes quiet cannot keep the daemon's threads. When the daemon stops, the same
+watchdog ends the streams still running past the grace period (`drain`) at their next message, so
+the handler answers UNAVAILABLE "shutting down" itself.
 """
 
 from __future__ import annotations
@@ -108,6 +110,13 @@ class StreamIdle(Exception):
     """The watchdog cut this stream: its peer was silent for longer than the idle timeout."""
 
 
+class StreamDraining(Exception):
+    """The daemon is stopping and this stream ran past the grace period."""
+
+    def __init__(self) -> None:
+        super().__init__("shutting down")
+
+
 class _Wait:
     """One stream waiting on its peer since `since` (monotonic seconds)."""
 
@@ -132,6 +141,8 @@ class IdleWatchdog:
         self.idle_s = idle_s
         self._waits: set[_Wait] = set()
         self._lock = threading.Lock()
+        self._drain_at: float | None = None
+        self.drained = 0   # streams ended by `drain`
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvstore-idle-streams", daemon=True)
         self._thread.start()
@@ -149,14 +160,30 @@ class IdleWatchdog:
                     if wait.cut:
                         raise StreamIdle(f"the stream sent nothing for {self.idle_s:g} s "
                                          f"(stream_idle_timeout_s); it was cancelled") from None
+                    # gRPC cancelled the calls left when the grace ran out: the end of a drain, no error.
+                    self._check_drain()
                     raise
+            self._check_drain()
             yield message
 
     def outgoing(self, context: grpc.ServicerContext, messages: Iterable) -> Iterator:
         """`messages` (a response stream), cut when the peer takes longer than idle_s to take one."""
         for message in messages:
+            self._check_drain()
             with self._waiting(context):
                 yield message
+
+    def drain(self, deadline: float) -> None:
+        """Streams still running at `deadline` (monotonic seconds) end at their next message (or when
+        gRPC cancels them) with StreamDraining."""
+        self._drain_at = deadline
+
+    def _check_drain(self) -> None:
+        drain_at = self._drain_at
+        if drain_at is not None and time.monotonic() >= drain_at:
+            with self._lock:
+                self.drained += 1
+            raise StreamDraining() from None
 
     def stop(self) -> None:
         self._stopping.set()
