@@ -249,9 +249,11 @@ class StoreConfig(_Strict):
     tiers: list[TierConfig] = Field(default_factory=lambda: [MemoryTierConfig(type="memory")], min_length=1)
     promote_on_hit: bool = True
     max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 2**20
-    # Block bytes of Put streams the daemon holds at once (received, not yet in the store); a block
-    # that would pass it is refused (RESOURCE_EXHAUSTED). None: `inflight_put_bytes`' default.
+    # Block bytes of Put streams the daemon holds at once (received, not yet in the store; None:
+    # `inflight_put_bytes`' default); a block that would pass it waits up to inflight_put_wait_s
+    # (and the call's deadline) for others to be stored, then is refused (RESOURCE_EXHAUSTED).
     max_inflight_put_bytes: Annotated[int, Field(ge=1024)] | None = None
+    inflight_put_wait_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
     max_keys_per_call: Annotated[int, Field(ge=1)] = 4096
     max_key_bytes: Annotated[int, Field(ge=1)] = 64
     max_namespace_len: Annotated[int, Field(ge=1)] = 128

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import Gauge
@@ -30,6 +31,8 @@ _KEY_FRAMING_BYTES = 11
 _COMMIT_ENTRY_BYTES = 11 + 6 + 9 + 9
 # Per slot of a packed uint32 list: one varint.
 _SLOT_BYTES = 5
+# A Put waiting for in-flight bytes notices its call was cancelled (client gone, daemon stopping) this fast.
+_LIVE_CHECK_S = 0.1
 
 
 class LimitError(ValueError):
@@ -119,24 +122,31 @@ class InflightBytes:
     at most `cap` and shown on `gauge`.
 
     A stream reserves a block's declared size before it receives the block's bytes and releases it
-    once the block is stored or the stream ends; a reservation that does not fit is refused at once
-    (the caller answers RESOURCE_EXHAUSTED), never queued, like the daemon's other admission limits.
+    once the block is stored or the stream ends. A reservation that does not fit waits for other
+    streams to release theirs, up to a limit the caller gives (inflight_put_wait_s, and the call's
+    deadline); then it is refused (the caller answers RESOURCE_EXHAUSTED). Waiters are not served in
+    order: a large block may wait longer than small ones that arrive after it.
     """
 
     def __init__(self, cap: int, gauge: Gauge):
         self.cap = cap
         self._gauge = gauge
         self._held = 0
-        self._lock = threading.Lock()
+        self._freed = threading.Condition()
 
     @property
     def held(self) -> int:
         return self._held
 
-    def reserve(self, size: int) -> bool:
-        with self._lock:   # the gauge too: a release shown after the next reservation would pass the cap
-            if self._held + size > self.cap:
-                return False
+    def reserve(self, size: int, wait_s: float = 0.0, live: Callable[[], bool] = lambda: True) -> bool:
+        """Reserve `size` bytes, waiting up to `wait_s` while `live()` (the call was not cancelled)."""
+        deadline = time.monotonic() + wait_s
+        with self._freed:   # the gauge too: a release shown after the next reservation would pass the cap
+            while self._held + size > self.cap:
+                left = deadline - time.monotonic()
+                if left <= 0 or not live():
+                    return False
+                self._freed.wait(min(left, _LIVE_CHECK_S))
             self._held += size
             self._gauge.inc(size)
         return True
@@ -144,6 +154,7 @@ class InflightBytes:
     def release(self, size: int) -> None:
         if not size:
             return
-        with self._lock:
+        with self._freed:
             self._held -= size
             self._gauge.dec(size)
+            self._freed.notify_all()

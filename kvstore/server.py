@@ -67,9 +67,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     """Validates each request against the limits, then calls the store."""
 
     def __init__(self, store: TieredStore, limits: Limits, tier_names: list[str], slab: SlabSessions,
-                 idle: IdleWatchdog, inflight: InflightBytes):
+                 idle: IdleWatchdog, inflight: InflightBytes, inflight_wait_s: float):
         self._store = store
         self._inflight = inflight
+        self._inflight_wait_s = inflight_wait_s
         self._limits = limits
         self._tier_names = tier_names
         self._slab = slab
@@ -110,6 +111,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     context: grpc.ServicerContext) -> int:
         assembler = BlockAssembler(self._limits.max_message_bytes)
         batch = _PutBatch(lambda blocks: self._store_batch(namespace, blocks, tiers, ttl_s, "Put"), self._inflight)
+        remaining = context.time_remaining()
+        wait_s = self._inflight_wait_s if remaining is None else min(self._inflight_wait_s, remaining)
         try:
             for message in stream:
                 kind = message.WhichOneof("item")
@@ -120,11 +123,12 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     self._limits.check_expires_at(message.block.expires_at or None, index)
                     self._limits.check_block_size(message.block.size, index)
                     assembler.check_between_blocks()
-                    if not batch.admit(message.block.size):
+                    if not batch.admit(message.block.size, wait_s, context.is_active):
                         _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"blocks[{index}]: {message.block.size} bytes would pass the daemon's bytes of Put "
-                               f"streams in flight ({self._inflight.cap}, max_inflight_put_bytes); {batch.stored} "
-                               f"earlier blocks were stored, retry the rest later")
+                               f"blocks[{index}]: {message.block.size} bytes did not fit the daemon's bytes of Put "
+                               f"streams in flight ({self._inflight.cap}, max_inflight_put_bytes) within {wait_s:g} s "
+                               f"(inflight_put_wait_s or the call's deadline); {batch.stored} earlier blocks were "
+                               f"stored, retry the rest later")
                     done = assembler.start(message.block)
                 elif kind == "data":
                     done = assembler.data(message.data)
@@ -277,12 +281,13 @@ class _PutBatch:
         self._reserved = 0
         self.stored = 0
 
-    def admit(self, size: int) -> bool:
-        """Reserve a block's bytes before they arrive; False when they do not fit even after this
-        stream's own blocks went to the store (then only other streams' bytes are in the way)."""
+    def admit(self, size: int, wait_s: float, live: Callable[[], bool]) -> bool:
+        """Reserve a block's bytes before they arrive. When they do not fit, this stream's own blocks
+        go to the store first (so that it waits holding nothing, and two streams never wait on each
+        other), then it waits up to `wait_s` for others; False when they still do not fit."""
         if not self._inflight.reserve(size):
             self.flush()
-            if not self._inflight.reserve(size):
+            if not self._inflight.reserve(size, wait_s, live):
                 return False
         self._reserved += size
         return True
@@ -525,7 +530,8 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
     slab = SlabSessions(store, min(cfg.shm_max_sessions, max_calls // 2))
     idle = IdleWatchdog(cfg.stream_idle_timeout_s)
     inflight = InflightBytes(cfg.inflight_put_bytes, metrics.INFLIGHT_PUT_BYTES)
-    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, limits, tier_names, slab, idle, inflight), server)
+    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, limits, tier_names, slab, idle, inflight,
+                                                          cfg.inflight_put_wait_s), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 
