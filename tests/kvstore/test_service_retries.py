@@ -87,3 +87,27 @@ def test_a_restarted_daemon_is_reached_by_the_next_call():
             assert client.get(NS, [key(1), key(2)]) == [None, b"after"]
         finally:
             daemon.stop(0)
+
+
+def test_a_restarted_daemon_is_reached_by_the_next_async_call():
+    port = free_port()
+    config = parse_store_config({"listen": f"127.0.0.1:{port}"})
+    daemons = [serve(config, workers=4)]
+
+    async def scenario():
+        async with AsyncKVStoreClient(f"grpc://127.0.0.1:{port}", timeout_s=2) as client:
+            assert await client.put(NS, [(key(1), b"before")]) == 1
+            daemons[0].stop(0)
+            down_since = time.monotonic()
+            while time.monotonic() - down_since < 4:
+                with pytest.raises(KVStoreError):
+                    await client.lookup(NS, [key(1)])
+            daemons.append(serve(config, workers=4))
+            start = time.monotonic()
+            assert await client.put(NS, [(key(2), b"after")]) == 1
+            assert time.monotonic() - start < 2
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        daemons[-1].stop(0)
