@@ -6,10 +6,12 @@ has a deadline; UNAVAILABLE and DEADLINE_EXCEEDED are retried with exponential b
 idempotent, a Put included) for as long as `RetryPolicy.deadline_s` allows, which covers a daemon
 restart: the channel reconnects within about a second (`channel_options`). Both clients share one
 core, `_ClientCore`: it builds each RPC (`_Rpc`: request, response decoding), decides retries and
-maps errors; the two classes differ only in how they call the stub (blocking, or awaited). Blocks travel sealed (kvstore/checksum.py): `put` checksums each block
-once, bound to its namespace and key, and the daemon verifies and stores that checksum; `get` verifies
-the stored checksum against the namespace and key asked for, so a block that fails it (or was stored
-under another key) comes back as a miss, never as bad bytes. `put_sealed` / `get_sealed` hand over
+maps errors; the two classes differ only in how they call the stub (blocking, or awaited).
+
+Blocks travel sealed (kvstore/checksum.py): `put` checksums each block once, bound to its namespace
+and key, and the daemon verifies and stores that checksum; `get` verifies the stored checksum against
+the namespace and key asked for, so a block that fails it (or was stored under another key) comes
+back as a miss, never as bad bytes. `put_sealed` / `get_sealed` hand over
 blocks with their checksums, for a caller that computes and checks them itself (the engine, on the GPU).
 
 URLs: `grpc://host:port` (plaintext) or `grpcs://host:port` (TLS; `root_certificates` trusts a private CA).

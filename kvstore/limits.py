@@ -7,6 +7,10 @@ into INVALID_ARGUMENT. Values are never echoed back whole (a key is shown as a s
 limit for the whole server (which Put's block chunks need large), so the daemon compares a request's
 serialized size with its method's limit before parsing it (kvstore/server.py); a Lookup of a million
 keys is turned away without building a million Python objects.
+
+The daemon's admission at its edge lives here too: `CallLimitsInterceptor` (calls running at once,
+unary request sizes, request bytes that do not parse) and `InflightBytes` (block bytes of Put
+streams held in memory).
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import grpc
+from google.protobuf.message import DecodeError
 from prometheus_client import Gauge
 
 from kvstore.config import StoreConfig, check_expires_at, check_ttl_s
+from kvstore.rpc_handlers import behavior_of, rewrapped
 
 # Namespaces become part of Redis keys and S3 object names: keep them to a safe, printable set.
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9._:-]+")
@@ -158,3 +165,127 @@ class InflightBytes:
             self._held -= size
             self._gauge.dec(size)
             self._freed.notify_all()
+
+
+class _Unparsable:
+    """Stands in for request bytes that are not the method's message."""
+
+
+class _Oversized:
+    """Stands in for a request too large for its method, which is left unparsed."""
+
+    def __init__(self, size: int, limit: int):
+        self.size = size
+        self.limit = limit
+
+
+class CallLimitsInterceptor(grpc.ServerInterceptor):
+    """Admits a KVStore call only while fewer than `max_calls` run (Put streams: half of them), and a
+    unary request only up to its method's size (`Limits.request_bytes`), compared before parsing.
+
+    Calls turned away get RESOURCE_EXHAUSTED (too many at once: retry later) or INVALID_ARGUMENT
+    (request too large), at once; they never wait for a thread. The health service is not counted.
+    """
+
+    def __init__(self, limits: Limits, max_calls: int, service: str):
+        self._service = service
+        self._request_bytes = limits.request_bytes()
+        self._max_calls = max_calls
+        self._calls = threading.BoundedSemaphore(max_calls)
+        self._puts = threading.BoundedSemaphore(max_calls // 2)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        if handler is None or service != self._service:
+            return handler
+        if handler.request_streaming:
+            deserializer = _lenient(handler.request_deserializer)
+        else:
+            deserializer = _size_checked(handler.request_deserializer, self._request_bytes[method])
+        gates = [(self._calls, f"{self._max_calls} KVStore calls are running (max_concurrent_rpcs)")]
+        if method == "Put":
+            gates.append((self._puts, f"{self._max_calls // 2} Put streams are running (half of "
+                                      f"max_concurrent_rpcs)"))
+        behavior = behavior_of(handler)
+        if handler.request_streaming:
+            behavior = _stream_parsed(behavior, method)
+        gated = _gated_stream if handler.response_streaming else _gated_unary
+        return rewrapped(handler, gated(behavior, method, gates), deserializer)
+
+
+def _lenient(deserializer):
+    """`deserializer`, returning _Unparsable for bytes that are not the message: gRPC would answer
+    INTERNAL ("Exception deserializing request!"), but they are the caller's bytes."""
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _Unparsable()
+
+    return parse
+
+
+def _size_checked(deserializer, limit: int):
+    lenient = _lenient(deserializer)
+
+    def parse(data: bytes):
+        if len(data) > limit:
+            return _Oversized(len(data), limit)
+        return lenient(data)
+
+    return parse
+
+
+def _stream_parsed(behavior, method: str):
+    """`behavior` of a request-streaming method, whose call is aborted (INVALID_ARGUMENT) at the
+    first message of the stream that did not parse."""
+    def parsed(requests: Iterator, context: grpc.ServicerContext) -> Iterator:
+        for request in requests:
+            if isinstance(request, _Unparsable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"request: a message of the stream is not a valid {method} request message")
+            yield request
+
+    return lambda requests, context: behavior(parsed(requests, context), context)
+
+
+def _admit(request, context: grpc.ServicerContext, method: str, gates) -> list[threading.BoundedSemaphore]:
+    """The semaphores taken for this call; aborts the call when it may not run."""
+    if isinstance(request, _Unparsable):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {method} request message")
+    if isinstance(request, _Oversized):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+               f"request: {request.size} bytes, the limit for {method} is {request.limit} bytes (from max_keys_per_call, max_key_bytes and max_namespace_len)")
+    held = []
+    for gate, busy in gates:
+        if not gate.acquire(blocking=False):
+            for taken in held:
+                taken.release()
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{busy}; retry later")
+        held.append(gate)
+    return held
+
+
+def _gated_unary(behavior, method: str, gates):
+    def gated(request, context):
+        held = _admit(request, context, method, gates)
+        try:
+            return behavior(request, context)
+        finally:
+            for gate in held:
+                gate.release()
+
+    return gated
+
+
+def _gated_stream(behavior, method: str, gates):
+    def gated(request, context):
+        held = _admit(request, context, method, gates)
+        try:
+            yield from behavior(request, context)
+        finally:
+            for gate in held:
+                gate.release()
+
+    return gated

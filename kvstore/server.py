@@ -5,9 +5,11 @@ service, metrics) and returns a `ServerHandle` with `.port` and `.stop()`; tests
 `kvstore serve` runs it as the daemon.
 
 A client must not be able to take the daemon's threads (every sync gRPC call holds one while it runs)
-or its memory: `CallLimitsInterceptor` turns away KVStore calls beyond `max_concurrent_rpcs` (Put
-streams beyond half of it) and unary requests larger than their method needs, before any handler
-work; `IdleWatchdog` cancels streams whose peer went quiet; keepalive pings drop dead connections.
+or its memory: `CallLimitsInterceptor` (kvstore/limits.py) turns away KVStore calls beyond
+`max_concurrent_rpcs` (Put streams beyond half of it) and unary requests larger than their method
+needs, before any handler work; Put blocks are admitted against `max_inflight_put_bytes` before
+they are received (`InflightBytes`); `IdleWatchdog` cancels streams whose peer went quiet, and ends
+those still running when a stop's grace period is over; keepalive pings drop dead connections.
 The thread pool holds HEALTH_THREADS more threads than KVStore calls may take, so the health service
 (Kubernetes probes) answers while the data calls are saturated.
 """
@@ -23,17 +25,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvstore import metrics
 from kvstore.auth import TokenAuthInterceptor, token_from_env
 from kvstore.checksum import SealedBlock
 from kvstore.config import ConfigError, StoreConfig
-from kvstore.limits import InflightBytes, LimitError, Limits
+from kvstore.limits import CallLimitsInterceptor, InflightBytes, LimitError, Limits
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.rpc_handlers import behavior_of, rewrapped
 from kvstore.slab_sessions import CommitEntry, SlabError, SlabSessions
 from kvstore.store import TieredStore
 from kvstore.streaming import CHUNK_BYTES, BlockAssembler, IdleWatchdog, StreamDraining, StreamIdle, framed_block
@@ -314,129 +314,6 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
     context.abort(code, message)
 
 
-class _Unparsable:
-    """Stands in for request bytes that are not the method's message."""
-
-
-class _Oversized:
-    """Stands in for a request too large for its method, which is left unparsed."""
-
-    def __init__(self, size: int, limit: int):
-        self.size = size
-        self.limit = limit
-
-
-class CallLimitsInterceptor(grpc.ServerInterceptor):
-    """Admits a KVStore call only while fewer than `max_calls` run (Put streams: half of them), and a
-    unary request only up to its method's size (`Limits.request_bytes`), compared before parsing.
-
-    Calls turned away get RESOURCE_EXHAUSTED (too many at once: retry later) or INVALID_ARGUMENT
-    (request too large), at once; they never wait for a thread. The health service is not counted.
-    """
-
-    def __init__(self, limits: Limits, max_calls: int):
-        self._request_bytes = limits.request_bytes()
-        self._max_calls = max_calls
-        self._calls = threading.BoundedSemaphore(max_calls)
-        self._puts = threading.BoundedSemaphore(max_calls // 2)
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        service, _, method = handler_call_details.method.lstrip("/").partition("/")
-        if handler is None or service != SERVICE_NAME:
-            return handler
-        if handler.request_streaming:
-            deserializer = _lenient(handler.request_deserializer)
-        else:
-            deserializer = _size_checked(handler.request_deserializer, self._request_bytes[method])
-        gates = [(self._calls, f"{self._max_calls} KVStore calls are running (max_concurrent_rpcs)")]
-        if method == "Put":
-            gates.append((self._puts, f"{self._max_calls // 2} Put streams are running (half of "
-                                      f"max_concurrent_rpcs)"))
-        behavior = behavior_of(handler)
-        if handler.request_streaming:
-            behavior = _stream_parsed(behavior, method)
-        gated = _gated_stream if handler.response_streaming else _gated_unary
-        return rewrapped(handler, gated(behavior, method, gates), deserializer)
-
-
-def _lenient(deserializer):
-    """`deserializer`, returning _Unparsable for bytes that are not the message: gRPC would answer
-    INTERNAL ("Exception deserializing request!"), but they are the caller's bytes."""
-    def parse(data: bytes):
-        try:
-            return deserializer(data)
-        except DecodeError:
-            return _Unparsable()
-
-    return parse
-
-
-def _size_checked(deserializer, limit: int):
-    lenient = _lenient(deserializer)
-
-    def parse(data: bytes):
-        if len(data) > limit:
-            return _Oversized(len(data), limit)
-        return lenient(data)
-
-    return parse
-
-
-def _stream_parsed(behavior, method: str):
-    """`behavior` of a request-streaming method, whose call is aborted (INVALID_ARGUMENT) at the
-    first message of the stream that did not parse."""
-    def parsed(requests: Iterator, context: grpc.ServicerContext) -> Iterator:
-        for request in requests:
-            if isinstance(request, _Unparsable):
-                _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                       f"request: a message of the stream is not a valid {method} request message")
-            yield request
-
-    return lambda requests, context: behavior(parsed(requests, context), context)
-
-
-def _admit(request, context: grpc.ServicerContext, method: str, gates) -> list[threading.BoundedSemaphore]:
-    """The semaphores taken for this call; aborts the call when it may not run."""
-    if isinstance(request, _Unparsable):
-        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {method} request message")
-    if isinstance(request, _Oversized):
-        _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-               f"request: {request.size} bytes, the limit for {method} is {request.limit} bytes (from max_keys_per_call, max_key_bytes and max_namespace_len)")
-    held = []
-    for gate, busy in gates:
-        if not gate.acquire(blocking=False):
-            for taken in held:
-                taken.release()
-            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{busy}; retry later")
-        held.append(gate)
-    return held
-
-
-def _gated_unary(behavior, method: str, gates):
-    def gated(request, context):
-        held = _admit(request, context, method, gates)
-        try:
-            return behavior(request, context)
-        finally:
-            for gate in held:
-                gate.release()
-
-    return gated
-
-
-def _gated_stream(behavior, method: str, gates):
-    def gated(request, context):
-        held = _admit(request, context, method, gates)
-        try:
-            yield from behavior(request, context)
-        finally:
-            for gate in held:
-                gate.release()
-
-    return gated
-
-
 @dataclass
 class ServerHandle:
     """A running daemon: its bound port, and how to stop it."""
@@ -507,7 +384,7 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
     interceptors: list[grpc.ServerInterceptor] = [metrics.RpcMetricsInterceptor()]
     if token is not None:
         interceptors.append(TokenAuthInterceptor(token))
-    interceptors.append(CallLimitsInterceptor(limits, max_calls))
+    interceptors.append(CallLimitsInterceptor(limits, max_calls, SERVICE_NAME))
     # Single messages are chunks of at most CHUNK_BYTES; the margin lets a message up to the block
     # limit reach our own validation, which answers INVALID_ARGUMENT with a message.
     max_message = cfg.max_message_bytes + (64 << 10)
