@@ -51,7 +51,7 @@ def test_unreachable_daemon_is_a_startup_error(tiny_model):
 
 
 def test_unreachable_s3_tier_is_a_startup_error(tiny_model):
-    tier = {"type": "obj", "bucket": "b", "endpoint_override": f"127.0.0.1:{_dead_port()}", "scheme": "http",
+    tier = {"type": "obj", "bucket": "bkt", "endpoint_override": f"127.0.0.1:{_dead_port()}", "scheme": "http",
             "access_key": "ak", "secret_key": "sk-secret", "connect_timeout_s": 0.2, "max_attempts": 1}
     with pytest.raises(ConfigError, match=f"{EXTRA}.secondary_tiers.0: tier 'obj' is unreachable") as err:
         make_llm(tiny_model, kv_config(secondary_tiers=[tier]))

@@ -129,7 +129,7 @@ def test_the_engine_serves_through_a_daemon_restart_and_re_attaches(tiny_model, 
         assert connector.flush()
     with daemon_process(config, tmp_path, port=port):
         _wait(lambda: connector.store.slab.attached, "the engine re-attaches to the restarted daemon")
-        _wait(lambda: connector._lookups_resume_at <= time.monotonic(), "the lookup backoff runs out")
+        _wait(lambda: connector._lookup_cooldown.ready(), "the lookup backoff runs out")
         core.kv.pool.reset_prefix_cache()
         assert generate(llm, SHORT) == cold(SHORT)     # a fresh daemon: cold, and saved into its slab
         assert connector.flush()
