@@ -78,13 +78,16 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     scale: float,
+    num_splits: int | None = None,
 ) -> Tensor:
-    """Causal paged attention for prefill chunks and decodes in one call; returns [T, Hq, D]."""
+    """Causal paged attention for prefill chunks and decodes in one call; returns [T, Hq, D].
+    ``num_splits`` fixes how many programs share each sequence's keys (the kernel chooses if None;
+    the result is the same either way)."""
     args = (q, kv_cache, layer, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale)
     if q.is_cuda:
         from kernels.paged_attention_triton import paged_attention_triton
 
-        return paged_attention_triton(*args)
+        return paged_attention_triton(*args, num_splits=num_splits)
     return paged_attention_ref(*args)
 
 

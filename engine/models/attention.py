@@ -20,6 +20,7 @@ class AttentionMetadata:
     query_start_loc: Tensor   # [B+1] int32, sequence b owns rows query_start_loc[b]:query_start_loc[b+1]
     max_query_len: int
     max_seq_len: int
+    num_splits: int | None = None  # key splits of the attention kernel; None: it chooses
 
 
 class Attention(nn.Module):
@@ -57,5 +58,6 @@ class Attention(nn.Module):
         q, k = kernels.rotary_embedding(positions, q, k, cos_sin_cache)
         kernels.write_kv(k, v, kv_cache, self.layer, attn.slot_mapping)
         out = kernels.paged_attention(q, kv_cache, self.layer, attn.block_tables, attn.seq_lens,
-                                      attn.query_start_loc, attn.max_query_len, attn.max_seq_len, self.scale)
+                                      attn.query_start_loc, attn.max_query_len, attn.max_seq_len, self.scale,
+                                      attn.num_splits)
         return self.o_proj(out.reshape(num_tokens, self.q_size))

@@ -8,6 +8,13 @@ final hidden states: each graph's output stays allocated for its replays, and [s
 per graph would hold gigabytes at a max_num_seqs of 1024, so the logits (one matmul over the real
 rows only) run outside. Triton's launch overhead —
 tens of microseconds per kernel, hundreds of kernels per step — is what the graphs remove.
+
+Each size is captured twice: as is, and with each sequence's keys split across
+`LONG_CONTEXT_SPLITS` programs, replayed when the batch holds a sequence of `LONG_CONTEXT_TOKENS`
+or more. A decode's attention is one program per sequence and KV head walking all its keys: with
+one 16k-token sequence among short ones, that program set the step (0.5 ms a layer on an H100,
+a 2.4 ms decode step took 16 ms, the step where a request whose prefix was loaded joins). The split
+variant is not used for short contexts: its combine costs every layer a few small kernels.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ from engine.models.attention import AttentionMetadata
 from engine.runner.batch_state import PreparedStep
 
 logger = logging.getLogger(__name__)
+
+LONG_CONTEXT_TOKENS = 4096
+LONG_CONTEXT_SPLITS = 8
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -45,13 +55,14 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         # In a decode step sequence b owns query row b: the offsets never change.
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def _attn(self, size: int) -> AttentionMetadata:
+    def _attn(self, size: int, long: bool) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
             seq_lens=self.seq_lens[:size], query_start_loc=self.query_start_loc[:size + 1],
-            max_query_len=1, max_seq_len=self.block_tables.shape[1])
+            max_query_len=1, max_seq_len=self.block_tables.shape[1],
+            num_splits=LONG_CONTEXT_SPLITS if long else 1)
 
     def capture(self) -> None:
         """Capture every size, largest first, all sharing one memory pool."""
@@ -60,12 +71,13 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for size in reversed(self.sizes):
-                args = (self.input_ids[:size], self.positions[:size], self._attn(size))
-                self.forward(*args)  # compiles the kernels outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    hidden = self.forward(*args)
-                self._graphs[size] = (graph, hidden)
+                for long in (False, True):
+                    args = (self.input_ids[:size], self.positions[:size], self._attn(size, long))
+                    self.forward(*args)  # compiles the kernels outside the capture
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        hidden = self.forward(*args)
+                    self._graphs[(size, long)] = (graph, hidden)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
@@ -86,6 +98,6 @@ class DecodeGraphs:
         self.block_tables[:b].copy_(step.attn.block_tables)
         self.seq_lens[:b].copy_(step.attn.seq_lens)
         self.seq_lens[b:size].fill_(1)
-        graph, hidden = self._graphs[size]
+        graph, hidden = self._graphs[(size, step.attn.max_seq_len >= LONG_CONTEXT_TOKENS)]
         graph.replay()
         return hidden[:b]

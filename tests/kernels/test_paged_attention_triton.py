@@ -50,3 +50,11 @@ def test_keys_split_across_programs(num_splits, dtype):
     splits of the short sequences get no keys at all and must weigh nothing."""
     case = make_paged_case([(300, 20), (3, 1), (40, 7)], 8, 2, 32, 16, dtype, seed=num_splits)
     check(case, dtype, num_splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_batch_with_keys_split(dtype):
+    """The long-context decode graphs' variant: a decode-only batch, keys split 8 ways, one long
+    context beside short ones (most of whose splits get no keys), as the runner captures it."""
+    case = make_paged_case([(700, 1), (3, 1), (0, 1), (65, 1)], 8, 2, 32, 16, dtype, seed=11)
+    check(case, dtype, 8)
