@@ -52,17 +52,18 @@ def start_redis(stack: ExitStack) -> str:
 
 
 def start_moto(stack: ExitStack) -> str:
-    """moto's S3 server in this process for the run; its host:port."""
+    """moto's S3 server as a separate process for the run; its host:port. Not in this process: it
+    serves each request in Python, and its threads would take the interpreter from the engine's
+    (decode ITL 8.9x with saves going to S3 on an H100), which a real S3 endpoint never does."""
     try:
-        from moto.server import ThreadedMotoServer
+        import moto.server  # noqa: F401 - only to say what is missing before starting it
     except ImportError:
         raise SystemExit("tierkv bench: --start-moto needs moto[server] (pip install 'moto[server]')") from None
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per S3 request otherwise
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    stack.callback(server.stop)
-    wait_for_port(port, "moto server")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stack.callback(_stop, proc)
+    wait_for_port(port, "moto server", timeout_s=30.0)
     return f"127.0.0.1:{port}"
 
 
