@@ -39,7 +39,8 @@ class EmbeddedStore:
         self.has_memory_tier = cfg.cpu_bytes_to_use >= block_bytes
         num_slots = max(cfg.cpu_bytes_to_use // block_bytes, staging_slots)
         self.slab_rows = torch.empty((num_slots, block_bytes), dtype=torch.uint8, pin_memory=pin)
-        self.lower = TieredStore(parse_tiers(list(cfg.secondary_tiers))) if cfg.secondary_tiers else None
+        self.lower = (TieredStore(parse_tiers(list(cfg.secondary_tiers)), promote_in_background=True)
+                      if cfg.secondary_tiers else None)
         self._write_downs: queue.Queue = queue.Queue()
         self.slab = Slab(self.slab_rows.numpy(), num_slots, block_bytes, name=MEMORY,
                          on_evict=self._on_evict if self.lower is not None else None)
