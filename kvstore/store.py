@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -138,13 +138,16 @@ class TieredStore:
     def tier_names(self) -> list[str]:
         return [tier.name for tier in self._tiers]
 
-    def lookup(self, namespace: str, keys: list[bytes]) -> LookupResult:
-        """Leading keys present in any tier (existence only; `get` verifies the bytes)."""
+    def lookup(self, namespace: str, keys: list[bytes], skip: Collection[str] = ()) -> LookupResult:
+        """Leading keys present in any tier but those named in `skip` (existence only; `get`
+        verifies the bytes)."""
         located: list[str | None] = [None] * len(keys)
         pending = list(range(len(keys)))
         for t, tier in enumerate(self._tiers):
             if not pending:
                 break
+            if tier.name in skip:
+                continue
             asked = [keys[i] for i in pending]
             present = self._guards[t].call("contains", lambda: tier.contains(namespace, asked), [False] * len(asked))
             for i, hit in zip(pending, present):

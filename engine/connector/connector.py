@@ -131,7 +131,9 @@ class OffloadingConnector:
             return 0
         first_try = state.found is None
         if first_try:
-            state.found = self._lookup(request, [self.block_key(request, j) for j in range(num_blocks)])
+            slow = (self.cost.slow_tiers() if self.cfg.offload.load_cost_model and state.decision.cost_model
+                    else set())
+            state.found = self._lookup(request, [self.block_key(request, j) for j in range(num_blocks)], slow)
             if state.found is None:
                 return 0
             state.blocks_in_store = state.found.num_hits
@@ -153,12 +155,15 @@ class OffloadingConnector:
                 self.metrics.inc(self.metrics.skipped_load_tokens, max(0, skipped), tier=tier)
         return max(0, load_end - gpu_hit_tokens)
 
-    def _lookup(self, request: Request, keys: list[bytes]) -> LookupResult | None:
-        """One Lookup; None (a miss) when the store fails or is backing off after a failure."""
+    def _lookup(self, request: Request, keys: list[bytes], skip: set[str]) -> LookupResult | None:
+        """One Lookup, not asking the tiers in `skip`; None (a miss) when the store fails or is backing
+        off after a failure."""
         if not self._lookup_cooldown.ready():
             return None
+        for tier in skip:
+            self.metrics.inc(self.metrics.unasked_lookups, tier=tier)
         try:
-            found = self.store.lookup(self.namespace, keys)
+            found = self.store.lookup(self.namespace, keys, skip)
         except Exception as e:  # noqa: BLE001 - a store that cannot answer is a miss
             self.metrics.inc(self.metrics.store_errors, op="lookup")
             logger.warning("store lookup failed for %s: %s; skipping lookups for %.1f s", request.request_id, e,

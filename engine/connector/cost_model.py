@@ -16,15 +16,22 @@ more per token: the model then errs towards recomputing, which is never wrong, o
 Before any measurement, a tier is assumed fast (the operator configured it to be used); the first
 load through it gives a rate. A policy sees the same estimates in `RequestInfo` and can turn the
 model off for a request (`Decision(cost_model=False)`).
+
+A tier from which a block takes longer to load than its tokens take to compute is not even looked
+up (`slow_tiers`): its lookup's own latency (an S3 HEAD per block, tens of ms) would make the
+request slower than having no store. A tier's rate is forgotten `RATE_TTL_S` after its last load,
+so a tier that became fast again is looked up, loaded from and measured once more.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 # Weight of a new sample in the moving averages: a few loads are enough to follow a change.
 _ALPHA = 0.3
+RATE_TTL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,7 @@ class CostModel:
         self.block_bytes = block_bytes
         self._lock = threading.Lock()
         self._tier_rate: dict[str, float] = {}
+        self._tier_seen: dict[str, float] = {}   # monotonic time of each tier's last load
         self._prefill_rate: float | None = None
 
     def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
@@ -50,6 +58,7 @@ class CostModel:
         if nbytes > 0 and seconds > 0:
             with self._lock:
                 self._tier_rate[tier] = _average(self._tier_rate.get(tier), nbytes / seconds)
+                self._tier_seen[tier] = time.monotonic()
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """The engine computed `tokens` prompt tokens of one request in `seconds`."""
@@ -58,8 +67,19 @@ class CostModel:
                 self._prefill_rate = _average(self._prefill_rate, tokens / seconds)
 
     def estimates(self) -> RateEstimates:
+        now = time.monotonic()
         with self._lock:
+            for tier in [t for t, seen in self._tier_seen.items() if now - seen > RATE_TTL_S]:
+                del self._tier_rate[tier], self._tier_seen[tier]
             return RateEstimates(dict(self._tier_rate), self._prefill_rate)
+
+    def slow_tiers(self) -> set[str]:
+        """Tiers from which loading a block is estimated slower than computing its tokens."""
+        est = self.estimates()
+        if est.prefill_tokens_per_s is None:
+            return set()
+        compute_s = self.block_size / est.prefill_tokens_per_s
+        return {tier for tier, rate in est.tier_bytes_per_s.items() if self.block_bytes / rate >= compute_s}
 
     def blocks_to_load(self, tiers: list[str], first_block: int, first_token: int, prompt_len: int) -> int:
         """How many of the hit blocks `first_block`.. (block j from `tiers[j]`) to load, counted from

@@ -17,6 +17,7 @@ and stats go through the short-deadline lookup client.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from itertools import takewhile
 
 import torch
@@ -66,7 +67,8 @@ class DaemonSlabStore:
         lookups = KVStoreClient(url, token=token, timeout_s=lookup_timeout_s, retry=RetryPolicy(attempts=1))
         return cls(slab, lookups, pinned, tier_names, lookup_timeout_s)
 
-    def lookup(self, namespace: str, keys: list[bytes]) -> LookupResult:
+    def lookup(self, namespace: str, keys: list[bytes], skip: Collection[str] = ()) -> LookupResult:
+        """The daemon's Lookup; it asks each of its tiers (`skip` is for an embedded store's tiers)."""
         return self._lookups.lookup(namespace, keys)
 
     # --- what SlabTransfer asks of a slab store ---------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Collection
 
 import torch
 
@@ -57,12 +58,13 @@ class EmbeddedStore:
     def lower_tier_names(self) -> list[str]:
         return self.lower.tier_names if self.lower else []
 
-    def lookup(self, namespace: str, keys: list[bytes]) -> LookupResult:
-        """Leading keys held in some tier, and for each the fastest tier holding it."""
-        in_slab = self.slab.lookup(namespace, keys) if self.has_memory_tier else 0
+    def lookup(self, namespace: str, keys: list[bytes], skip: Collection[str] = ()) -> LookupResult:
+        """Leading keys held in some tier but those named in `skip`, and for each the fastest tier
+        holding it."""
+        in_slab = self.slab.lookup(namespace, keys) if self.has_memory_tier and MEMORY not in skip else 0
         tiers = [MEMORY] * in_slab
         if self.lower is not None and in_slab < len(keys):
-            below = self.lower.lookup(namespace, keys[in_slab:])
+            below = self.lower.lookup(namespace, keys[in_slab:], skip)
             tiers += below.tiers
         return LookupResult(len(tiers), tiers)
 

@@ -38,6 +38,9 @@ class ConnectorMetrics:
         self.skipped_load_tokens = counter("tierkv:offload_skipped_load_tokens",
                                            "Prompt tokens found in the store but recomputed, because loading them "
                                            "was estimated slower than computing them, by tier", ("tier",))
+        self.unasked_lookups = counter("tierkv:offload_unasked_lookups",
+                                       "Lookups that did not ask a tier, because loading from it was estimated "
+                                       "slower than computing, by tier", ("tier",))
         self.corrupt_blocks = counter("tierkv:offload_corrupt_blocks",
                                       "Loaded blocks that failed their checksum (recomputed, the copy deleted)")
         self.dropped_saves = counter("tierkv:offload_dropped_saves", "Blocks not saved because the save queue was full")

@@ -10,6 +10,7 @@ payloads (`DaemonStore`, moved by `BlockTransfer`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 import os
 from typing import Protocol
 
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 class BlockStore(Protocol):
     """What the payload transfer path needs of a store (`DaemonStore` provides it)."""
 
-    def lookup(self, namespace: str, keys: list[bytes]) -> LookupResult: ...
+    def lookup(self, namespace: str, keys: list[bytes], skip: Collection[str] = ()) -> LookupResult: ...
     def get(self, namespace: str, keys: list[bytes]) -> list[bytes | None]: ...
     def put(self, namespace: str, blocks: list[tuple[bytes, bytes]], *, tiers: list[str] | None = None,
             ttl_s: float | None = None) -> int: ...
@@ -47,7 +48,8 @@ class DaemonStore:
         self._lookups = KVStoreClient(url, token=token, timeout_s=lookup_timeout_s, retry=RetryPolicy(attempts=1))
         self._transfers = KVStoreClient(url, token=token, timeout_s=transfer_timeout_s)
 
-    def lookup(self, namespace: str, keys: list[bytes]) -> LookupResult:
+    def lookup(self, namespace: str, keys: list[bytes], skip: Collection[str] = ()) -> LookupResult:
+        """The daemon's Lookup; it asks each of its tiers (`skip` is for an embedded store's tiers)."""
         return self._lookups.lookup(namespace, keys)
 
     def get(self, namespace: str, keys: list[bytes]) -> list[bytes | None]:

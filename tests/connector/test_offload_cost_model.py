@@ -3,6 +3,9 @@ makes a request slower than having no store."""
 
 from __future__ import annotations
 
+import time
+
+from engine.connector import cost_model
 from engine.connector.cost_model import CostModel
 from tests.connector.offload_helpers import BLOCK, MAX_TOKENS, generate, kv_config, make_llm, tokens
 from tests.connector.slow_proxy import SlowProxy
@@ -30,6 +33,15 @@ def test_blocks_load_while_moving_them_is_faster_than_computing_them():
     assert cost.blocks_to_load(["memory"] * 4, 1, 256, 4 * 256 + 10) == 3
 
 
+def test_tiers_slower_than_prefill_are_not_looked_up_until_their_rate_is_stale(monkeypatch):
+    cost = model(25_600, memory=1000 * MIB, s3=10 * MIB)
+    assert cost.slow_tiers() == {"s3"}
+    assert model(None, s3=MIB).slow_tiers() == set()       # no prefill rate yet: every tier is asked
+    later = time.monotonic() + cost_model.RATE_TTL_S + 1
+    monkeypatch.setattr(cost_model.time, "monotonic", lambda: later)
+    assert cost.slow_tiers() == set() and cost.estimates().tier_bytes_per_s == {}
+
+
 def test_unmeasured_rates_load_everything():
     assert model(None, s3=MIB).blocks_to_load(["s3"] * 3, 0, 0, 800) == 3
     assert model(25_600).blocks_to_load(["never-seen"] * 3, 0, 0, 800) == 3
@@ -37,7 +49,8 @@ def test_unmeasured_rates_load_everything():
 
 def test_a_slow_tier_is_recomputed_instead_of_loaded(tiny_model, cold, redis_url):
     """Redis behind a link that delivers ~1 MB/s: the first hit loads (its rate is unknown), and
-    measures it; later hits recompute, with the tokens of a cold run."""
+    measures it; later requests do not even ask Redis (its lookup would only add latency) and
+    recompute, with the tokens of a cold run."""
     host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
     proxy = SlowProxy((host, int(port)), delay_s=0.015)
     try:
@@ -56,12 +69,12 @@ def test_a_slow_tier_is_recomputed_instead_of_loaded(tiny_model, cold, redis_url
             assert generate(llm, prompt) == cold(prompt)
             after = metrics.snapshot()
             loaded = after.get("tierkv:offload_loaded_tokens", 0) - before.get("tierkv:offload_loaded_tokens", 0)
-            skipped = (after.get("tierkv:offload_skipped_load_tokens{tier=redis}", 0)
-                       - before.get("tierkv:offload_skipped_load_tokens{tier=redis}", 0))
+            unasked = (after.get("tierkv:offload_unasked_lookups{tier=redis}", 0)
+                       - before.get("tierkv:offload_unasked_lookups{tier=redis}", 0))
             if seed == 51:
-                assert loaded == 6 * BLOCK and skipped == 0
+                assert loaded == 6 * BLOCK and unasked == 0
             else:
-                assert loaded == 0 and skipped == 6 * BLOCK
+                assert loaded == 0 and unasked == 1
                 assert core.stats().computed_tokens - computed == len(prompt) + MAX_TOKENS - 1
         rates = core.connector.cost.estimates()
         assert rates.tier_bytes_per_s["redis"] < 5 * MIB
