@@ -16,6 +16,7 @@ import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -72,6 +73,24 @@ def test_every_yaml_and_json_under_deploy_parses():
             assert isinstance(json.loads(path.read_text()), dict), path
         else:
             assert load_yaml_docs(path), path
+
+
+# The Kubernetes version the manifests are written for; kubernetes-validate bundles its schemas.
+K8S_VERSION = "1.30.0"
+# Prometheus operator resources: custom resources with no schema in kubernetes-validate; their
+# rules are checked against deploy/prometheus/alerts.yaml below.
+OPERATOR_KINDS = {"PrometheusRule", "ServiceMonitor", "PodMonitor"}
+
+
+def test_k8s_manifests_validate_against_the_kubernetes_schemas():
+    checked = set()
+    for (kind, name), doc in k8s_objects().items():
+        if kind in OPERATOR_KINDS:
+            continue
+        # strict: a misspelt or misplaced field is an error, not silently ignored by the API server
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        checked.add(kind)
+    assert {"Namespace", "ConfigMap", "DaemonSet", "Deployment", "Service", "Secret"} <= checked
 
 
 def test_serve_yaml_is_accepted_by_tierkv_serve_parser():
@@ -135,7 +154,7 @@ def registered_metric_names() -> set[str]:
     return names
 
 
-_METRIC = re.compile(r"(?<![A-Za-z0-9_:])((?:vllm:|tierkv:|kvstore_)[A-Za-z0-9_:]*)")
+_METRIC = re.compile(r"(?<![A-Za-z0-9_:])((?:vllm:|tierkv_|kvstore_)[A-Za-z0-9_:]*)")
 
 
 def dashboard_exprs() -> list[str]:
@@ -152,7 +171,7 @@ def alert_exprs() -> list[str]:
 
 def test_dashboard_and_alerts_name_only_registered_metrics():
     known = registered_metric_names()
-    assert "vllm:time_to_first_token_seconds_bucket" in known and "tierkv:offload_store_errors_total" in known
+    assert "vllm:time_to_first_token_seconds_bucket" in known and "tierkv_offload_store_errors_total" in known
     for expr in dashboard_exprs() + alert_exprs():
         used = _METRIC.findall(expr)
         assert used or expr.startswith("up{"), expr
@@ -165,10 +184,10 @@ def test_dashboard_covers_what_operators_watch():
     for name in ["vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
                  "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
-                 "tierkv:offload_hit_tokens_total", "tierkv:offload_loaded_bytes_total",
-                 "tierkv:offload_saved_bytes_total", "tierkv:offload_load_seconds_bucket",
-                 "tierkv:offload_save_seconds_bucket", "tierkv:offload_store_errors_total",
-                 "tierkv:offload_dropped_saves_total", "kvstore_tier_blocks", "kvstore_tier_bytes",
+                 "tierkv_offload_hit_tokens_total", "tierkv_offload_loaded_bytes_total",
+                 "tierkv_offload_saved_bytes_total", "tierkv_offload_load_seconds_bucket",
+                 "tierkv_offload_save_seconds_bucket", "tierkv_offload_store_errors_total",
+                 "tierkv_offload_dropped_saves_total", "kvstore_tier_blocks", "kvstore_tier_bytes",
                  "kvstore_tier_errors_total", "kvstore_tier_up"]:
         assert name in used, name
     dash = json.loads((DEPLOY / "grafana" / "tierkv-dashboard.json").read_text())

@@ -12,11 +12,11 @@ Rows: for every tier and every `--prompt-lens` length (`--repeats` times, each w
 prompts), the prompt is served cold, its blocks saved to that tier only; the GPU prefix cache is
 emptied and the prompt served again, its prefix now loaded from that tier alone. Each row sets
 
-- save GB/s: bytes saved over the connector's save time (`tierkv:offload_saved_bytes` over
-  `tierkv:offload_save_seconds_sum`, from the save being issued to the bytes being in the store)
+- save GB/s: bytes saved over the connector's save time (`tierkv_offload_saved_bytes` over
+  `tierkv_offload_save_seconds_sum`, from the save being issued to the bytes being in the store)
   during the cold request, against a plain pinned device-to-host copy of the same bytes;
-- load GB/s: bytes loaded over the load time (`tierkv:offload_loaded_bytes` over
-  `tierkv:offload_load_seconds_sum`, from load start to pages ready) during the hit, against a plain
+- load GB/s: bytes loaded over the load time (`tierkv_offload_loaded_bytes` over
+  `tierkv_offload_load_seconds_sum`, from load start to pages ready) during the hit, against a plain
   pinned host-to-device copy of the same bytes.
 
 Both copies are measured in the same run, right after the request (on CPU both are host memcpy).
@@ -366,9 +366,9 @@ def _cold(llm, tier: str, prompt: list[int]) -> tuple[float, int, float, int]:
     ttft = _ttft(llm, prompt, {"tiers": [tier]})
     core.connector.flush(_FLUSH_S)
     after = _metrics(llm)
-    return (ttft, int(_delta(before, after, "tierkv:offload_saved_bytes")),
-            _delta(before, after, "tierkv:offload_save_seconds_sum"),
-            int(_delta(before, after, "tierkv:offload_dropped_saves")))
+    return (ttft, int(_delta(before, after, "tierkv_offload_saved_bytes")),
+            _delta(before, after, "tierkv_offload_save_seconds_sum"),
+            int(_delta(before, after, "tierkv_offload_dropped_saves")))
 
 
 def _hit(llm, tier: str, prompt: list[int]) -> tuple[float, int, int, int, float]:
@@ -379,10 +379,10 @@ def _hit(llm, tier: str, prompt: list[int]) -> tuple[float, int, int, int, float
     ttft = _ttft(llm, prompt, {"tiers": [tier]})
     core.connector.flush(_FLUSH_S)  # the hit saves the prompt's last block: keep it out of what follows
     after = _metrics(llm)
-    return (ttft, int(_delta(before, after, f"tierkv:offload_hit_tokens{{tier={tier}}}")),
-            int(_delta(before, after, "tierkv:offload_loaded_tokens")),
-            int(_delta(before, after, "tierkv:offload_loaded_bytes")),
-            _delta(before, after, "tierkv:offload_load_seconds_sum"))
+    return (ttft, int(_delta(before, after, f"tierkv_offload_hit_tokens{{tier={tier}}}")),
+            int(_delta(before, after, "tierkv_offload_loaded_tokens")),
+            int(_delta(before, after, "tierkv_offload_loaded_bytes")),
+            _delta(before, after, "tierkv_offload_load_seconds_sum"))
 
 
 def _ttft(llm, prompt: list[int], metadata: dict) -> float:
@@ -446,7 +446,7 @@ def _decode_itl(llm, args: argparse.Namespace, rng: random.Random) -> list[Decod
             before = _metrics(llm)
             samples[mode] += _one_decode_run(llm, args, rng, {"offload": mode == "on"})
             llm.engine.core.connector.flush(_FLUSH_S)
-            saved[mode] += int(_delta(before, _metrics(llm), "tierkv:offload_saved_blocks"))
+            saved[mode] += int(_delta(before, _metrics(llm), "tierkv_offload_saved_blocks"))
     return [_decode_result(mode, args.decode_requests * args.repeats, samples[mode], saved[mode])
             for mode in ("off", "on")]
 
@@ -529,7 +529,7 @@ def _load_in_flight(llm, args: argparse.Namespace, rng: random.Random) -> dict:
         during += [gap for step in window for gap in step["gaps"]]
         windows.append([{"max_gap_ms": max(step["gaps"], default=0.0) * 1e3, "loaded_token": step["loaded_token"]}
                         for step in window])
-        loaded += int(_delta(before, _metrics(llm), "tierkv:offload_loaded_tokens"))
+        loaded += int(_delta(before, _metrics(llm), "tierkv_offload_loaded_tokens"))
     if args.trace_dir:
         _phase("profiled decode with a load in flight")
         prompt = _stored_prompt(llm, rng, _in_flight_len(args))

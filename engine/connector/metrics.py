@@ -25,31 +25,31 @@ class ConnectorMetrics:
             return Histogram(name, doc, labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
 
         self._model = model_name
-        self.lookups = counter("tierkv:offload_lookups", "Store lookups made at request admission")
-        self.hit_tokens = counter("tierkv:offload_hit_tokens", "Prompt tokens found in the store, by tier", ("tier",))
-        self.loaded_tokens = counter("tierkv:offload_loaded_tokens", "Prompt tokens loaded from the store instead of computed")
-        self.recomputed_tokens = counter("tierkv:offload_recomputed_tokens",
+        self.lookups = counter("tierkv_offload_lookups", "Store lookups made at request admission")
+        self.hit_tokens = counter("tierkv_offload_hit_tokens", "Prompt tokens found in the store, by tier", ("tier",))
+        self.loaded_tokens = counter("tierkv_offload_loaded_tokens", "Prompt tokens loaded from the store instead of computed")
+        self.recomputed_tokens = counter("tierkv_offload_recomputed_tokens",
                                          "Prompt tokens computed by requests allowed to load from the store")
-        self.failed_load_tokens = counter("tierkv:offload_failed_load_tokens",
+        self.failed_load_tokens = counter("tierkv_offload_failed_load_tokens",
                                           "Tokens the store reported but could not deliver (recomputed instead)")
-        self.saved_blocks = counter("tierkv:offload_saved_blocks", "Blocks handed to the store")
-        self.bytes_saved = counter("tierkv:offload_saved_bytes", "Bytes handed to the store")
-        self.bytes_loaded = counter("tierkv:offload_loaded_bytes", "Bytes loaded from the store")
-        self.skipped_load_tokens = counter("tierkv:offload_skipped_load_tokens",
+        self.saved_blocks = counter("tierkv_offload_saved_blocks", "Blocks handed to the store")
+        self.bytes_saved = counter("tierkv_offload_saved_bytes", "Bytes handed to the store")
+        self.bytes_loaded = counter("tierkv_offload_loaded_bytes", "Bytes loaded from the store")
+        self.skipped_load_tokens = counter("tierkv_offload_skipped_load_tokens",
                                            "Prompt tokens found in the store but recomputed, because loading them "
                                            "was estimated slower than computing them, by tier", ("tier",))
-        self.unasked_lookups = counter("tierkv:offload_unasked_lookups",
+        self.unasked_lookups = counter("tierkv_offload_unasked_lookups",
                                        "Lookups that did not ask a tier, because loading from it was estimated "
                                        "slower than computing, by tier", ("tier",))
-        self.corrupt_blocks = counter("tierkv:offload_corrupt_blocks",
+        self.corrupt_blocks = counter("tierkv_offload_corrupt_blocks",
                                       "Loaded blocks that failed their checksum (recomputed, the copy deleted)")
-        self.dropped_saves = counter("tierkv:offload_dropped_saves", "Blocks not saved because the save queue was full")
-        self.store_errors = counter("tierkv:offload_store_errors", "Failed store operations, by operation", ("op",))
-        self.load_seconds = hist("tierkv:offload_load_seconds", "Time from load start to pages ready")
-        self.save_seconds = hist("tierkv:offload_save_seconds",
+        self.dropped_saves = counter("tierkv_offload_dropped_saves", "Blocks not saved because the save queue was full")
+        self.store_errors = counter("tierkv_offload_store_errors", "Failed store operations, by operation", ("op",))
+        self.load_seconds = hist("tierkv_offload_load_seconds", "Time from load start to pages ready")
+        self.save_seconds = hist("tierkv_offload_save_seconds",
                                  "Time from a batch's copies starting to its blocks being in the store")
         self.load_phase_seconds = Histogram(
-            "tierkv:offload_load_phase_seconds", "Time of each phase of a load: fetch (leasing slots, "
+            "tierkv_offload_load_phase_seconds", "Time of each phase of a load: fetch (leasing slots, "
             "promotion from a lower tier), copy (slots to pages), verify (checksums over the pages, until seen)",
             labels + ["phase"], buckets=_LATENCY_BUCKETS, registry=self.registry)
 
@@ -77,7 +77,7 @@ class ConnectorMetrics:
         return metric.labels(model_name=self._model, **labels)._value.get()
 
     def snapshot(self) -> dict[str, float]:
-        """Every counter as {"tierkv:offload_x{label=value}": value}, and each histogram's `_sum` and
+        """Every counter as {"tierkv_offload_x{label=value}": value}, and each histogram's `_sum` and
         `_count`, without the model label (what tests, benchmarks and the engine-process helper report)."""
         out: dict[str, float] = {}
         for family in self.registry.collect():

@@ -11,7 +11,7 @@ With an offloading connector, vLLM's external prefix-cache counters follow it, a
 (vllm/v1/core/sched/scheduler.py): queries are the tokens of each admitted request beyond its GPU
 prefix-cache hit (every admission, as vLLM asks its connector about every request), hits the tokens
 the connector then loads from the store instead of computing them (found there, less those the cost
-model chose to recompute: tierkv:offload_hit_tokens - tierkv:offload_skipped_load_tokens).
+model chose to recompute: tierkv_offload_hit_tokens - tierkv_offload_skipped_load_tokens).
 """
 
 from __future__ import annotations

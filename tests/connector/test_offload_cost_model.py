@@ -68,9 +68,9 @@ def test_a_slow_tier_is_recomputed_instead_of_loaded(tiny_model, cold, redis_url
             before, computed = metrics.snapshot(), core.stats().computed_tokens
             assert generate(llm, prompt) == cold(prompt)
             after = metrics.snapshot()
-            loaded = after.get("tierkv:offload_loaded_tokens", 0) - before.get("tierkv:offload_loaded_tokens", 0)
-            unasked = (after.get("tierkv:offload_unasked_lookups{tier=redis}", 0)
-                       - before.get("tierkv:offload_unasked_lookups{tier=redis}", 0))
+            loaded = after.get("tierkv_offload_loaded_tokens", 0) - before.get("tierkv_offload_loaded_tokens", 0)
+            unasked = (after.get("tierkv_offload_unasked_lookups{tier=redis}", 0)
+                       - before.get("tierkv_offload_unasked_lookups{tier=redis}", 0))
             if seed == 51:
                 assert loaded == 6 * BLOCK and unasked == 0
             else:

@@ -20,7 +20,7 @@ def test_every_config_key_and_metric_is_in_the_offloading_doc():
     table_keys = set(re.findall(r"^\| `(\w+)` \|", doc, flags=re.M))
     assert set(OffloadConfig.model_fields) | set(KVTransferConfig.model_fields) <= table_keys
     metrics = {family.name for family in ConnectorMetrics("m").registry.collect()}
-    documented = {re.sub(r"_total$", "", name) for name in re.findall(r"`(tierkv:offload_\w+?)(?:\{\w+\})?`", doc)}
+    documented = {re.sub(r"_total$", "", name) for name in re.findall(r"`(tierkv_offload_\w+?)(?:\{\w+\})?`", doc)}
     assert metrics == documented
 
 
@@ -48,9 +48,9 @@ def test_the_documented_three_tier_example_shares_prefixes_between_replicas(tiny
     assert first.engine.core.connector.flush()
     first.engine.core.close()
     second = make_llm(tiny_model, cfg)
-    loaded_before = second.engine.core.connector.metrics.snapshot().get("tierkv:offload_loaded_tokens", 0)
+    loaded_before = second.engine.core.connector.metrics.snapshot().get("tierkv_offload_loaded_tokens", 0)
     assert generate(second, prompt) == cold(prompt)
     snapshot = second.engine.core.connector.metrics.snapshot()
-    assert snapshot["tierkv:offload_loaded_tokens"] - loaded_before == 3 * BLOCK
-    assert snapshot["tierkv:offload_hit_tokens{tier=redis}"] == 3 * BLOCK
+    assert snapshot["tierkv_offload_loaded_tokens"] - loaded_before == 3 * BLOCK
+    assert snapshot["tierkv_offload_hit_tokens{tier=redis}"] == 3 * BLOCK
     second.engine.core.close()

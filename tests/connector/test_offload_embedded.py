@@ -21,11 +21,11 @@ def test_loads_from_the_embedded_memory_tier(tiny_model, cold):
     for prefix, suffix in cases:
         core.kv.pool.reset_prefix_cache()
         before = core.stats().computed_tokens
-        loaded = core.connector.metrics.snapshot().get("tierkv:offload_loaded_tokens", 0)
+        loaded = core.connector.metrics.snapshot().get("tierkv_offload_loaded_tokens", 0)
         assert generate(llm, prefix + suffix) == cold(prefix + suffix)
         assert core.stats().computed_tokens - before == len(suffix) + MAX_TOKENS - 1
-        assert core.connector.metrics.snapshot()["tierkv:offload_loaded_tokens"] - loaded == len(prefix)
-    assert "tierkv:offload_failed_load_tokens" not in core.connector.metrics.snapshot()
+        assert core.connector.metrics.snapshot()["tierkv_offload_loaded_tokens"] - loaded == len(prefix)
+    assert "tierkv_offload_failed_load_tokens" not in core.connector.metrics.snapshot()
     core.close()
 
 
@@ -58,9 +58,9 @@ def test_a_request_waiting_for_pages_looks_up_once(tiny_model, cold):
     def grew(name: str) -> float:
         return after.get(name, 0) - before.get(name, 0)
 
-    assert grew("tierkv:offload_lookups") == 2  # x's and b's
-    assert grew("tierkv:offload_hit_tokens{tier=memory}") == PREFIX_LEN
-    assert grew("tierkv:offload_loaded_tokens") == PREFIX_LEN
+    assert grew("tierkv_offload_lookups") == 2  # x's and b's
+    assert grew("tierkv_offload_hit_tokens{tier=memory}") == PREFIX_LEN
+    assert grew("tierkv_offload_loaded_tokens") == PREFIX_LEN
     core.close()
 
 
@@ -72,8 +72,8 @@ def test_a_prompt_ending_on_a_block_boundary_loads_every_block_and_computes_one_
     assert core.connector.flush()
     core.kv.pool.reset_prefix_cache()
     before = core.stats().computed_tokens
-    loaded = core.connector.metrics.snapshot().get("tierkv:offload_loaded_tokens", 0)
+    loaded = core.connector.metrics.snapshot().get("tierkv_offload_loaded_tokens", 0)
     assert generate(llm, prompt) == cold(prompt)
     assert core.stats().computed_tokens - before == 1 + MAX_TOKENS - 1
-    assert core.connector.metrics.snapshot()["tierkv:offload_loaded_tokens"] - loaded == len(prompt) - 1
+    assert core.connector.metrics.snapshot()["tierkv_offload_loaded_tokens"] - loaded == len(prompt) - 1
     core.close()

@@ -74,18 +74,18 @@ def test_fault_mid_load_recomputes(tiny_model, cold, fault):
         core = b.engine.core
         assert core.stats().computed_tokens == PREFIX_LEN + len(SUFFIX_B) + MAX_TOKENS - 1
         metrics = core.connector.metrics.snapshot()
-        assert metrics["tierkv:offload_hit_tokens{tier=" + store.tier_names[0] + "}"] == PREFIX_LEN
-        assert metrics["tierkv:offload_failed_load_tokens"] == PREFIX_LEN
-        assert "tierkv:offload_loaded_tokens" not in metrics
+        assert metrics["tierkv_offload_hit_tokens{tier=" + store.tier_names[0] + "}"] == PREFIX_LEN
+        assert metrics["tierkv_offload_failed_load_tokens"] == PREFIX_LEN
+        assert "tierkv_offload_loaded_tokens" not in metrics
         if stop_tier is None:  # the daemon itself is gone: the Get RPC failed
-            assert metrics["tierkv:offload_store_errors{op=get}"] >= 1
+            assert metrics["tierkv_offload_store_errors{op=get}"] >= 1
 
         # With the fault still there, a new request is served right, and its save is counted as failed.
         assert generate(b, LATER) == cold(LATER)
         assert core.connector.flush()
         metrics = core.connector.metrics.snapshot()
-        assert metrics["tierkv:offload_store_errors{op=put}"] >= 1
-        assert "tierkv:offload_saved_blocks" not in metrics
+        assert metrics["tierkv_offload_store_errors{op=put}"] >= 1
+        assert "tierkv_offload_saved_blocks" not in metrics
         if stop_tier is None:
-            assert metrics["tierkv:offload_store_errors{op=lookup}"] == 1
+            assert metrics["tierkv_offload_store_errors{op=lookup}"] == 1
         core.close()

@@ -40,15 +40,15 @@ def test_a_block_corrupted_in_the_slab_is_recomputed(tiny_model, cold):
         store.slab.release([block.slot])
 
     grew = hit_after_corruption(llm, cold, flip_a_byte)
-    assert grew["tierkv:offload_loaded_tokens"] == BAD * BLOCK
-    assert grew["tierkv:offload_corrupt_blocks"] == 1
+    assert grew["tierkv_offload_loaded_tokens"] == BAD * BLOCK
+    assert grew["tierkv_offload_corrupt_blocks"] == 1
     assert grew["computed"] == len(PREFIX) - BAD * BLOCK + len(SUFFIX) + MAX_TOKENS - 1
     # The bad copy was deleted, and the recomputed blocks were saved again: the next hit loads them all.
     assert llm.engine.core.connector.flush()
     llm.engine.core.kv.pool.reset_prefix_cache()
-    loaded = llm.engine.core.connector.metrics.snapshot()["tierkv:offload_loaded_tokens"]
+    loaded = llm.engine.core.connector.metrics.snapshot()["tierkv_offload_loaded_tokens"]
     assert generate(llm, PREFIX + SUFFIX) == cold(PREFIX + SUFFIX)
-    assert llm.engine.core.connector.metrics.snapshot()["tierkv:offload_loaded_tokens"] - loaded == len(PREFIX)
+    assert llm.engine.core.connector.metrics.snapshot()["tierkv_offload_loaded_tokens"] - loaded == len(PREFIX)
     llm.engine.core.close()
 
 
@@ -75,7 +75,7 @@ def test_blocks_corrupted_in_redis_and_s3_are_recomputed(tiny_model, cold, redis
                     s3.put_object(Bucket=bucket, Key=item["Key"], Body=bytes(value))
 
         grew = hit_after_corruption(llm, cold, corrupt_stored_value)
-        assert grew.get("tierkv:offload_loaded_tokens", 0) == 0
+        assert grew.get("tierkv_offload_loaded_tokens", 0) == 0
         assert grew["computed"] == len(PREFIX) + len(SUFFIX) + MAX_TOKENS - 1
         llm.engine.core.close()
 

@@ -23,7 +23,7 @@ def test_min_prompt_tokens_leaves_no_trace_of_short_prompts(tiny_model, cold):
     assert llm.engine.core.connector.flush()
     assert blocks_held(llm) == {}
     assert stored_prefix_blocks(llm, SHORT) == 0
-    assert "tierkv:offload_saved_blocks" not in llm.engine.core.connector.metrics.snapshot()
+    assert "tierkv_offload_saved_blocks" not in llm.engine.core.connector.metrics.snapshot()
 
     assert generate(llm, LONG) == cold(LONG)
     assert llm.engine.core.connector.flush()
@@ -48,8 +48,8 @@ def test_producer_never_loads_and_consumer_never_saves(tiny_model, cold):
         assert generate(producer, LONG) == cold(LONG)
         assert producer.engine.core.connector.flush()
         metrics = producer.engine.core.connector.metrics.snapshot()
-        assert "tierkv:offload_loaded_tokens" not in metrics
-        assert metrics["tierkv:offload_saved_blocks"] == 4  # LONG's blocks only: the prefix was there
+        assert "tierkv_offload_loaded_tokens" not in metrics
+        assert metrics["tierkv_offload_saved_blocks"] == 4  # LONG's blocks only: the prefix was there
         assert stored_prefix_blocks(producer, LONG) == 4
         producer.engine.core.close()
 
@@ -62,8 +62,8 @@ def test_producer_never_loads_and_consumer_never_saves(tiny_model, cold):
         assert generate(consumer, fresh) == cold(fresh)
         assert consumer.engine.core.connector.flush()
         metrics = consumer.engine.core.connector.metrics.snapshot()
-        assert metrics["tierkv:offload_loaded_tokens"] == PREFIX_LEN
-        assert "tierkv:offload_saved_blocks" not in metrics
+        assert metrics["tierkv_offload_loaded_tokens"] == PREFIX_LEN
+        assert "tierkv_offload_saved_blocks" not in metrics
         assert stored_prefix_blocks(consumer, fresh) == 0
         assert handle.store.stats() == before
         consumer.engine.core.close()

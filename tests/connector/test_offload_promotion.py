@@ -26,7 +26,7 @@ def test_the_second_hit_comes_from_memory(tiny_model, cold, redis_url, s3_bucket
         before = metrics.snapshot()
         assert generate(llm, prompt) == cold(prompt)
         after = metrics.snapshot()
-        name = f"tierkv:offload_hit_tokens{{tier={expected}}}"
+        name = f"tierkv_offload_hit_tokens{{tier={expected}}}"
         assert after.get(name, 0) - before.get(name, 0) == 4 * BLOCK
-        assert after["tierkv:offload_loaded_tokens"] - before.get("tierkv:offload_loaded_tokens", 0) == 4 * BLOCK
+        assert after["tierkv_offload_loaded_tokens"] - before.get("tierkv_offload_loaded_tokens", 0) == 4 * BLOCK
     core.close()

@@ -36,19 +36,19 @@ def test_two_engines_share_one_daemon(tiny_model, cold, tmp_path):
     # back from the store and only the new suffix is computed.
     assert a[0]["token_ids"] == cold(PREFIX + SUFFIX_A)
     assert a[0]["computed_tokens"] == PREFIX_LEN + len(SUFFIX_A) + decode_steps()
-    assert a[0]["metrics"]["tierkv:offload_saved_blocks"] == PREFIX_LEN // 256
+    assert a[0]["metrics"]["tierkv_offload_saved_blocks"] == PREFIX_LEN // 256
     assert a[2]["token_ids"] == cold(PREFIX + SUFFIX_C)
     assert a[2]["computed_tokens"] == len(SUFFIX_C) + decode_steps()
-    reloaded = a[2]["metrics"]["tierkv:offload_loaded_tokens"] - a[1]["metrics"].get("tierkv:offload_loaded_tokens", 0)
+    reloaded = a[2]["metrics"]["tierkv_offload_loaded_tokens"] - a[1]["metrics"].get("tierkv_offload_loaded_tokens", 0)
     assert 0 < reloaded <= PREFIX_LEN
 
     # B: a separate process with a cold GPU cache loads the whole prefix.
     assert b[0]["token_ids"] == cold(PREFIX + SUFFIX_B)
     assert b[0]["computed_tokens"] == len(SUFFIX_B) + decode_steps()
-    assert b[0]["metrics"]["tierkv:offload_loaded_tokens"] == PREFIX_LEN
-    assert b[0]["metrics"]["tierkv:offload_hit_tokens{tier=memory}"] == PREFIX_LEN
-    assert b[0]["metrics"]["tierkv:offload_loaded_bytes"] == PREFIX_LEN // 256 * 128 * 1024
-    assert "tierkv:offload_failed_load_tokens" not in b[0]["metrics"]
+    assert b[0]["metrics"]["tierkv_offload_loaded_tokens"] == PREFIX_LEN
+    assert b[0]["metrics"]["tierkv_offload_hit_tokens{tier=memory}"] == PREFIX_LEN
+    assert b[0]["metrics"]["tierkv_offload_loaded_bytes"] == PREFIX_LEN // 256 * 128 * 1024
+    assert "tierkv_offload_failed_load_tokens" not in b[0]["metrics"]
 
 
 def _share_through(tiny_model, cold, shared_tier: dict, tier_name: str) -> None:
@@ -59,11 +59,11 @@ def _share_through(tiny_model, cold, shared_tier: dict, tier_name: str) -> None:
         a = run_engine_process(tiny_model, kv_config(kvstore_url=url_a, policy=policy), [PREFIX + SUFFIX_A])
         b = run_engine_process(tiny_model, kv_config(kvstore_url=url_b, policy=policy), [PREFIX + SUFFIX_B])
     assert a[0]["token_ids"] == cold(PREFIX + SUFFIX_A)
-    assert a[0]["metrics"]["tierkv:offload_saved_blocks"] == PREFIX_LEN // 256
+    assert a[0]["metrics"]["tierkv_offload_saved_blocks"] == PREFIX_LEN // 256
     assert b[0]["token_ids"] == cold(PREFIX + SUFFIX_B)
     assert b[0]["computed_tokens"] == len(SUFFIX_B) + decode_steps()
-    assert b[0]["metrics"][f"tierkv:offload_hit_tokens{{tier={tier_name}}}"] == PREFIX_LEN
-    assert b[0]["metrics"]["tierkv:offload_loaded_tokens"] == PREFIX_LEN
+    assert b[0]["metrics"][f"tierkv_offload_hit_tokens{{tier={tier_name}}}"] == PREFIX_LEN
+    assert b[0]["metrics"]["tierkv_offload_loaded_tokens"] == PREFIX_LEN
 
 
 def test_daemons_share_only_redis(tiny_model, cold, redis_url):

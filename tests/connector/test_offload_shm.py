@@ -71,14 +71,14 @@ def test_two_engine_processes_share_the_daemons_slab(tiny_model, cold, tmp_path)
         b = run_engine_process(tiny_model, cfg, [PREFIX + SUFFIX_B])
         counts = _rpc_counts(port)
     assert a[0]["token_ids"] == cold(PREFIX + SUFFIX_A)
-    assert a[0]["metrics"]["tierkv:offload_saved_blocks"] == PREFIX_LEN // BLOCK
+    assert a[0]["metrics"]["tierkv_offload_saved_blocks"] == PREFIX_LEN // BLOCK
     assert b[0]["token_ids"] == cold(PREFIX + SUFFIX_B)
     assert b[0]["computed_tokens"] == len(SUFFIX_B) + MAX_TOKENS - 1
     # Every block of A's prefix, from the daemon's memory tier, out of the slots A wrote.
-    assert b[0]["metrics"]["tierkv:offload_hit_tokens{tier=memory}"] == PREFIX_LEN
-    assert b[0]["metrics"]["tierkv:offload_loaded_tokens"] == PREFIX_LEN
-    assert b[0]["metrics"]["tierkv:offload_loaded_bytes"] == PREFIX_LEN // BLOCK * BLOCK_BYTES
-    assert "tierkv:offload_failed_load_tokens" not in b[0]["metrics"]
+    assert b[0]["metrics"]["tierkv_offload_hit_tokens{tier=memory}"] == PREFIX_LEN
+    assert b[0]["metrics"]["tierkv_offload_loaded_tokens"] == PREFIX_LEN
+    assert b[0]["metrics"]["tierkv_offload_loaded_bytes"] == PREFIX_LEN // BLOCK * BLOCK_BYTES
+    assert "tierkv_offload_failed_load_tokens" not in b[0]["metrics"]
     # No block byte crossed gRPC: slot numbers only.
     assert counts.get("Put", 0) == 0 and counts.get("Get", 0) == 0
     assert counts["AttachSlab"] == 2 and counts["CommitSlots"] >= 1 and counts["AcquireSlots"] >= 1
@@ -99,15 +99,15 @@ def test_a_block_corrupted_in_the_daemons_slab_is_recomputed(tiny_model, cold):
         before, computed = core.connector.metrics.snapshot(), core.stats().computed_tokens
         assert generate(llm, SHORT) == cold(SHORT)
         grew = _grew(llm, before)
-        assert grew["tierkv:offload_loaded_tokens"] == BAD * BLOCK
-        assert grew["tierkv:offload_corrupt_blocks"] == 1
+        assert grew["tierkv_offload_loaded_tokens"] == BAD * BLOCK
+        assert grew["tierkv_offload_corrupt_blocks"] == 1
         assert core.stats().computed_tokens - computed == len(SHORT) - BAD * BLOCK + MAX_TOKENS - 1
         # The bad copy was deleted and the recomputed blocks saved again: the next hit loads them all.
         assert core.connector.flush()
         core.kv.pool.reset_prefix_cache()
         before = core.connector.metrics.snapshot()
         assert generate(llm, SHORT) == cold(SHORT)
-        assert _grew(llm, before)["tierkv:offload_loaded_tokens"] == 6 * BLOCK
+        assert _grew(llm, before)["tierkv_offload_loaded_tokens"] == 6 * BLOCK
         core.close()
 
 
@@ -136,7 +136,7 @@ def test_the_engine_serves_through_a_daemon_restart_and_re_attaches(tiny_model, 
         core.kv.pool.reset_prefix_cache()
         before = connector.metrics.snapshot()
         assert generate(llm, SHORT) == cold(SHORT)
-        assert _grew(llm, before)["tierkv:offload_loaded_tokens"] == 6 * BLOCK
+        assert _grew(llm, before)["tierkv_offload_loaded_tokens"] == 6 * BLOCK
         core.close()
 
 
@@ -150,7 +150,7 @@ def test_a_payload_engine_and_a_slab_engine_share_blocks(tiny_model, cold):
         local = make_llm(tiny_model, kv_config(kvstore_url=url))
         before = local.engine.core.connector.metrics.snapshot()
         assert generate(local, SHORT) == cold(SHORT)
-        assert _grew(local, before)["tierkv:offload_loaded_tokens"] == 6 * BLOCK
+        assert _grew(local, before)["tierkv_offload_loaded_tokens"] == 6 * BLOCK
         local.engine.core.close()
 
 

@@ -257,9 +257,9 @@ def settle(base_url: str, indexes: list[int], phase: str, timeout_s: float = 30.
     metrics_url = f"{base_url}/metrics"
     with httpx.Client(base_url=base_url) as client:
         while True:
-            before = scrape(metrics_url, ("tierkv:offload_lookups",)).get("tierkv:offload_lookups_total", 0)
+            before = scrape(metrics_url, ("tierkv_offload_lookups",)).get("tierkv_offload_lookups_total", 0)
             probes.append(complete(client, indexes[len(probes) % len(indexes)], phase + ":probe"))
-            after = scrape(metrics_url, ("tierkv:offload_lookups",)).get("tierkv:offload_lookups_total", 0)
+            after = scrape(metrics_url, ("tierkv_offload_lookups",)).get("tierkv_offload_lookups_total", 0)
             if after > before or time.monotonic() - started > timeout_s:
                 return probes, time.monotonic() - started, after > before
             time.sleep(0.2)
@@ -416,7 +416,7 @@ def run(model: str, workdir: Path, requests_per_phase: int = 36) -> Report:
         metrics_url = f"{server.base_url}/metrics"
         first = 0
         for phase in phases:
-            server_before = scrape(metrics_url, ("tierkv:offload_",))
+            server_before = scrape(metrics_url, ("tierkv_offload_",))
             daemon_before = daemon.metrics()
             phase_started = time.monotonic()
             outcomes = run_phase(server.base_url, phase, first)
@@ -436,7 +436,7 @@ def run(model: str, workdir: Path, requests_per_phase: int = 36) -> Report:
                 elif not same(o, reference[o.index]):
                     report.mismatches.append({"index": o.index, "phase": o.phase, "got": o.text,
                                               "want": reference[o.index].text})
-            server_delta = delta(scrape(metrics_url, ("tierkv:offload_",)), server_before)
+            server_delta = delta(scrape(metrics_url, ("tierkv_offload_",)), server_before)
             # The daemon restarted in its phase: its counters start again from 0.
             daemon_now = daemon.metrics()
             daemon_delta = daemon_now if phase.name == "daemon_sigkill_restart" else delta(daemon_now, daemon_before)
@@ -450,7 +450,7 @@ def run(model: str, workdir: Path, requests_per_phase: int = 36) -> Report:
             report.ok += len(ok)
             report.equal += len(equal)
             first += phase.requests
-        report.server_metrics = scrape(metrics_url, ("tierkv:offload_",))
+        report.server_metrics = scrape(metrics_url, ("tierkv_offload_",))
         report.daemon_metrics = daemon.metrics()
     finally:
         if server is not None:

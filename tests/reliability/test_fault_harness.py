@@ -48,19 +48,19 @@ def test_faults_over_http_every_request_answers_like_the_no_store_run(tmp_path):
 
     # The store was used: prefixes found and loaded instead of computed.
     server = report.server_metrics
-    assert _sum(server, "tierkv:offload_hit_tokens_total") > 0
-    assert server["tierkv:offload_loaded_tokens_total"] > 0
-    assert server["tierkv:offload_saved_blocks_total"] > 0
+    assert _sum(server, "tierkv_offload_hit_tokens_total") > 0
+    assert server["tierkv_offload_loaded_tokens_total"] > 0
+    assert server["tierkv_offload_saved_blocks_total"] > 0
     # Loads from the lower tiers too: the memory tier holds 8 of the 32 blocks.
-    assert server.get("tierkv:offload_hit_tokens_total{tier=redis}", 0) > 0
+    assert server.get("tierkv_offload_hit_tokens_total{tier=redis}", 0) > 0
 
     # The daemon's death was met by the engine and counted.
     killed = phases["daemon_sigkill_restart"]["server"]
-    assert _sum(killed, "tierkv:offload_store_errors_total") > 0, killed
+    assert _sum(killed, "tierkv_offload_store_errors_total") > 0, killed
     # Redis stopped, then back empty: the daemon counted the outage and served from S3 meanwhile.
     redis_phase = phases["redis_stop_restart"]["daemon"]
     assert _sum(redis_phase, "kvstore_tier_errors_total") > 0, redis_phase
-    assert phases["redis_stop_restart"]["server"].get("tierkv:offload_hit_tokens_total{tier=obj}", 0) > 0
+    assert phases["redis_stop_restart"]["server"].get("tierkv_offload_hit_tokens_total{tier=obj}", 0) > 0
     # S3 down: the daemon counted the outage.
     s3_phase = phases["s3_down_up"]["daemon"]
     assert s3_phase.get("kvstore_tier_errors_total{op=ping,tier=obj}", 0) > 0, s3_phase
@@ -71,4 +71,4 @@ def test_faults_over_http_every_request_answers_like_the_no_store_run(tmp_path):
         assert phase[f"redis_values_{flipped}"] > 0 and phase[f"s3_objects_{flipped}"] > 0, phase
         assert phase["daemon"].get("kvstore_tier_corrupt_total{tier=redis}", 0) > 0, phase
         assert phase["daemon"].get("kvstore_tier_corrupt_total{tier=obj}", 0) > 0, phase
-        assert phase["server"].get("tierkv:offload_failed_load_tokens_total", 0) > 0, phase
+        assert phase["server"].get("tierkv_offload_failed_load_tokens_total", 0) > 0, phase

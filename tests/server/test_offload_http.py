@@ -1,5 +1,5 @@
 """Offloading through the HTTP server: `--kv-transfer-config`, the OpenAI `user` field reaching the
-policy, and the connector's `tierkv:offload_*` counters on /metrics."""
+policy, and the connector's `tierkv_offload_*` counters on /metrics."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ BOB = "".join(chr(ord("a") + (11 * i) % 26) for i in range(600))
 
 
 def offload_samples(client) -> dict[str, tuple[dict, float]]:
-    """`tierkv:offload_*` samples of /metrics (no buckets): name -> (labels, value)."""
+    """`tierkv_offload_*` samples of /metrics (no buckets): name -> (labels, value)."""
     out = {}
     for family in text_string_to_metric_families(client.get("/metrics").text):
         for s in family.samples:
-            if s.name.startswith("tierkv:offload_") and not s.name.endswith("_bucket"):
+            if s.name.startswith("tierkv_offload_") and not s.name.endswith("_bucket"):
                 out[s.name + "".join(f"[{v}]" for k, v in sorted(s.labels.items()) if k != "model_name")] = \
                     (s.labels, s.value)
     return out
@@ -40,7 +40,7 @@ def test_user_field_reaches_the_policy_and_metrics_count_it(start_tiny_server, t
             reference = tiny_llm.generate(prompt, greedy(5), use_tqdm=False)[0].outputs[0].text
             assert response.json()["choices"][0]["text"] == reference
         deadline = time.monotonic() + 30
-        while (samples := offload_samples(client)).get("tierkv:offload_saved_blocks_total", ({}, 0))[1] < 2:
+        while (samples := offload_samples(client)).get("tierkv_offload_saved_blocks_total", ({}, 0))[1] < 2:
             assert time.monotonic() < deadline, f"alice's blocks were never saved: {samples}"
             time.sleep(0.05)
 
@@ -48,10 +48,10 @@ def test_user_field_reaches_the_policy_and_metrics_count_it(start_tiny_server, t
     values = {name: value for name, (_, value) in samples.items()}
     # Only alice's request is offloaded: one Lookup (a miss), her 600 prompt tokens computed, and the
     # 2 blocks her prompt and decode filled saved. Bob's request never touches the store.
-    assert values["tierkv:offload_lookups_total"] == 1
-    assert values["tierkv:offload_recomputed_tokens_total"] == 600
-    assert values["tierkv:offload_saved_blocks_total"] == 2
-    assert values["tierkv:offload_save_seconds_count"] >= 1
-    assert "tierkv:offload_loaded_tokens_total" not in values
-    assert "tierkv:offload_dropped_saves_total" not in values
-    assert not any(name.startswith("tierkv:offload_store_errors") for name in values)
+    assert values["tierkv_offload_lookups_total"] == 1
+    assert values["tierkv_offload_recomputed_tokens_total"] == 600
+    assert values["tierkv_offload_saved_blocks_total"] == 2
+    assert values["tierkv_offload_save_seconds_count"] >= 1
+    assert "tierkv_offload_loaded_tokens_total" not in values
+    assert "tierkv_offload_dropped_saves_total" not in values
+    assert not any(name.startswith("tierkv_offload_store_errors") for name in values)

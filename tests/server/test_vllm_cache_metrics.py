@@ -58,7 +58,7 @@ EXPECTED_AT_ZERO = [
     "vllm:request_success_total{finished_reason=stop}", "vllm:request_success_total{finished_reason=length}",
     "vllm:request_success_total{finished_reason=abort}",
     "vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
-    "tierkv:offload_hit_tokens_total{tier=memory}", "tierkv:offload_skipped_load_tokens_total{tier=memory}",
+    "tierkv_offload_hit_tokens_total{tier=memory}", "tierkv_offload_skipped_load_tokens_total{tier=memory}",
 ]
 
 
@@ -100,20 +100,20 @@ def test_prompt_loaded_from_the_store_counts_as_an_external_hit(start_tiny_serve
     reference = tiny_llm.generate(PROMPT, greedy(5), use_tqdm=False)[0].outputs[0].text
     with server.client() as client:
         assert complete(client, PROMPT) == reference
-        wait_for(client, lambda v: v["tierkv:offload_saved_blocks_total"] >= 2)
+        wait_for(client, lambda v: v["tierkv_offload_saved_blocks_total"] >= 2)
         complete(client, OTHER)
-        wait_for(client, lambda v: v["tierkv:offload_saved_blocks_total"] >= 4)
+        wait_for(client, lambda v: v["tierkv_offload_saved_blocks_total"] >= 4)
         # PROMPT again: none of it on the GPU any more, its 2 full blocks in the store.
         assert complete(client, PROMPT) == reference
         values = wait_for(client, lambda v: v["vllm:request_success_total{finished_reason=length}"] == 3
-                          and v.get("tierkv:offload_loaded_tokens_total", 0) == 512)
+                          and v.get("tierkv_offload_loaded_tokens_total", 0) == 512)
     assert values["vllm:prefix_cache_hits_total"] == 0
     assert values["vllm:prefix_cache_queries_total"] == 600 + 760 + 600
     # Every admitted request queries the external cache for its tokens beyond the GPU hit (none).
     assert values["vllm:external_prefix_cache_queries_total"] == 600 + 760 + 600
     # The second PROMPT found its 2 blocks (512 tokens) and loaded them.
     assert values["vllm:external_prefix_cache_hits_total"] == 512
-    assert values["tierkv:offload_hit_tokens_total{tier=memory}"] == 512
+    assert values["tierkv_offload_hit_tokens_total{tier=memory}"] == 512
     assert values["vllm:prompt_tokens_cached_total"] == 512
     assert values["vllm:prompt_tokens_total"] == 600 + 760 + 600
 
