@@ -15,7 +15,8 @@ from engine.bench.cli import BENCHMARKS
 from kvstore.version import package_version
 
 
-def _generate(argv: list[str]) -> int:
+def generate_parser() -> argparse.ArgumentParser:
+    """The `tierkv generate` command line."""
     p = argparse.ArgumentParser(prog="tierkv generate", description="Answer one prompt and print the text.")
     p.add_argument("model", nargs="?", default=None, help="HF model directory or GGUF file (default: embedded SmolLM2)")
     p.add_argument("--model", dest="model_flag", metavar="MODEL", default=None,
@@ -29,7 +30,11 @@ def _generate(argv: list[str]) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--no-chat-template", action="store_true",
                    help="send the prompt as raw text instead of a user chat message")
-    args = p.parse_args(argv)
+    return p
+
+
+def _generate(argv: list[str]) -> int:
+    args = generate_parser().parse_args(argv)
     from engine.server.args import ConfigError
     from engine.server.model_arg import check_model_arg, pick_model
 
