@@ -18,14 +18,15 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass
 
 import httpx
 from tqdm import tqdm
 
 from engine.bench import common
-from engine.bench.serve_client import StreamResult, first_model, prefix_counters, stream_request, token_counter
+from engine.bench.serve_client import (StreamResult, first_model, prefix_counters, server_gauges, stream_request,
+                                       token_counter)
 from engine.bench.serve_dataset import (WORDS, Conversation, DatasetConfig, build_conversations, single_token_words,
                                          word_probe)
 from engine.bench.serve_report import RequestRecord, format_report, summarize
@@ -60,6 +61,8 @@ class ServeBenchConfig:
     result_json: str | None
     plot: str | None
     disable_tqdm: bool
+    disconnect_fraction: float = 0.0
+    server_sample_s: float = 5.0
 
     @property
     def num_conversations(self) -> int:
@@ -79,6 +82,10 @@ class ServeBenchConfig:
         _require(args.max_concurrency is None or args.max_concurrency >= 1, "max_concurrency", "at least 1",
                  args.max_concurrency)
         _require(args.timeout > 0, "timeout", "a positive number of seconds", args.timeout)
+        _require(0.0 <= args.disconnect_fraction < 1.0, "disconnect_fraction", "in [0, 1)", args.disconnect_fraction)
+        _require(args.disconnect_fraction == 0.0 or args.turns == 1, "disconnect_fraction",
+                 "0 with --turns > 1 (a disconnected turn has no answer to continue from)", args.disconnect_fraction)
+        _require(args.server_sample_s > 0, "server_sample_s", "a positive number of seconds", args.server_sample_s)
         _require(args.endpoint in ENDPOINTS, "endpoint", " or ".join(ENDPOINTS), args.endpoint)
         _require(args.base_url.startswith(("http://", "https://")), "base_url", "an http:// or https:// URL",
                  args.base_url)
@@ -87,7 +94,8 @@ class ServeBenchConfig:
                    request_rate=args.request_rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
                    seed=args.seed, dataset=args.dataset, num_prefixes=args.num_prefixes, prefix_len=args.prefix_len,
                    input_len=args.input_len, output_len=args.output_len, turns=args.turns, timeout=args.timeout,
-                   result_json=args.result_json, plot=args.plot, disable_tqdm=args.disable_tqdm)
+                   result_json=args.result_json, plot=args.plot, disable_tqdm=args.disable_tqdm,
+                   disconnect_fraction=args.disconnect_fraction, server_sample_s=args.server_sample_s)
 
 
 def _require(ok: bool, option: str, expected: str, got: object) -> None:
@@ -121,6 +129,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-json", help="write the config, summary and every request's record here")
     p.add_argument("--plot", help="write a PNG of TTFT by hit source and over time here (needs matplotlib)")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    p.add_argument("--disconnect-fraction", type=float, default=0.0,
+                   help="this fraction of the requests (chosen by --seed) closes its stream after the first token; "
+                        "neither completed nor failed (a soak: the rest must all complete; needs --turns 1)")
+    p.add_argument("--server-sample-s", type=float, default=5.0,
+                   help="seconds between samples of the server's RSS and held requests from /metrics (default 5)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -172,12 +185,52 @@ async def benchmark(config: ServeBenchConfig) -> dict:
         before = await prefix_counters(client, config.base_url, headers)
         logger.info("sending %d requests to %s%s (model %s)", config.num_prompts, config.base_url, config.endpoint,
                     model)
+        samples: list[dict] = []
+        sampler = asyncio.create_task(_sample_server(client, config, headers, samples))
         records, duration = await _drive(client, config, model, conversations, headers)
+        sampler.cancel()
+        with suppress(asyncio.CancelledError):
+            await sampler
+        after_drain = await _drained(client, config.base_url, headers)
         after = await prefix_counters(client, config.base_url, headers)
     run_config = {**asdict(config), "api_key": None, "model": model, "num_conversations": config.num_conversations,
                   "length_unit": unit, "vocabulary_size": len(vocabulary)}
-    return {"config": run_config, "summary": summarize(records, duration, before, after),
-            "requests": [r.to_dict() for r in records]}
+    summary = summarize(records, duration, before, after) | {"server": _server_summary(samples, after_drain)}
+    return {"config": run_config, "summary": summary, "requests": [r.to_dict() for r in records],
+            "server_samples": samples}
+
+
+async def _sample_server(client: httpx.AsyncClient, config: ServeBenchConfig, headers: dict[str, str],
+                         samples: list[dict]) -> None:
+    """Append the server's gauges every `server_sample_s` until cancelled (nothing without /metrics)."""
+    start = time.perf_counter()
+    while True:
+        gauges = await server_gauges(client, config.base_url, headers)
+        if gauges is None:
+            return
+        samples.append({"t": time.perf_counter() - start, **gauges})
+        await asyncio.sleep(config.server_sample_s)
+
+
+async def _drained(client: httpx.AsyncClient, base_url: str, headers: dict[str, str],
+                   timeout_s: float = 30.0) -> dict[str, float] | None:
+    """The server's gauges once it holds no request (or after `timeout_s`: what it still holds).
+    Requests whose client went away must be freed too: none may stay stuck."""
+    deadline = time.perf_counter() + timeout_s
+    while True:
+        gauges = await server_gauges(client, base_url, headers)
+        if gauges is None or gauges.get("running", 0) + gauges.get("waiting", 0) == 0 \
+                or time.perf_counter() > deadline:
+            return gauges
+        await asyncio.sleep(0.5)
+
+
+def _server_summary(samples: list[dict], after_drain: dict[str, float] | None) -> dict:
+    rss = [s["rss_bytes"] / 2**20 for s in samples if "rss_bytes" in s]
+    warm = rss[len(rss) // 5:] or rss   # the first fifth of the run is the warm-up
+    return {"samples": len(samples), "after_drain": after_drain,
+            "rss_mb": {"first": rss[0], "after_warm_up": warm[0], "max": max(rss), "last": rss[-1],
+                       "max_after_warm_up": max(warm)} if rss else None}
 
 
 async def choose_vocabulary(count: Callable[[str], Awaitable[int]] | None) -> tuple[list[str], str]:
@@ -220,6 +273,8 @@ async def _drive(client: httpx.AsyncClient, config: ServeBenchConfig, model: str
     limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else nullcontext()
     url = config.base_url + config.endpoint
     progress = tqdm(total=config.num_prompts, desc="bench serve", unit="req", disable=config.disable_tqdm)
+    chooser = random.Random(config.seed + 1)
+    disconnects = [chooser.random() < config.disconnect_fraction for _ in range(config.num_prompts)]
     start = time.perf_counter()
 
     async def converse(conversation: Conversation) -> None:
@@ -230,7 +285,7 @@ async def _drive(client: httpx.AsyncClient, config: ServeBenchConfig, model: str
             body = _request_body(config, model, conversation, turn, answers)
             async with limit:
                 sent = time.perf_counter() - start
-                result = await stream_request(client, url, body, headers)
+                result = await stream_request(client, url, body, headers, disconnects[index])
             records[index] = RequestRecord.of(index, conversation, turn, sent, result)
             progress.update(1)
             if not result.success:

@@ -34,6 +34,12 @@ class StreamResult:
     prompt_tokens: int | None = None
     output_tokens: int = 0
     cached_tokens: int | None = None
+    disconnected: bool = False   # the client closed the stream after the first token, on purpose
+
+
+# Server gauges sampled during a run (a soak): its memory, and requests it holds.
+SERVER_GAUGES = {"process_resident_memory_bytes": "rss_bytes", "vllm:num_requests_running": "running",
+                 "vllm:num_requests_waiting": "waiting"}
 
 
 class _Timing:
@@ -60,8 +66,11 @@ class _Timing:
         self.tokens += new_tokens
 
 
-async def stream_request(client: httpx.AsyncClient, url: str, body: dict, headers: dict[str, str]) -> StreamResult:
-    """POST `body` with `stream: true` and time every chunk; failures are returned, not raised."""
+async def stream_request(client: httpx.AsyncClient, url: str, body: dict, headers: dict[str, str],
+                         disconnect: bool = False) -> StreamResult:
+    """POST `body` with `stream: true` and time every chunk; failures are returned, not raised.
+    With `disconnect`, the connection is closed once the first token has arrived (a client that
+    goes away mid-stream)."""
     result = StreamResult()
     start = time.perf_counter()
     timing = _Timing(start)
@@ -80,6 +89,9 @@ async def stream_request(client: httpx.AsyncClient, url: str, body: dict, header
                 _read_chunk(json.loads(data), time.perf_counter(), timing, result)
                 if result.error:
                     return result
+                if disconnect and timing.ttft is not None:
+                    result.ttft, result.disconnected, result.success = timing.ttft, True, True
+                    return result   # leaving the `async with` closes the connection
     except (httpx.HTTPError, json.JSONDecodeError) as err:
         result.error = f"{type(err).__name__}: {err}"
         return result
@@ -159,3 +171,21 @@ async def prefix_counters(client: httpx.AsyncClient, base_url: str, headers: dic
             if sample.name in PREFIX_COUNTERS:
                 totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
     return totals
+
+
+async def server_gauges(client: httpx.AsyncClient, base_url: str, headers: dict[str, str]) -> dict[str, float] | None:
+    """The server's memory and the requests it holds (`SERVER_GAUGES`) from GET /metrics; None without."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        response = await client.get(f"{base_url}/metrics", headers=headers)
+        response.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name in SERVER_GAUGES:
+                key = SERVER_GAUGES[sample.name]
+                values[key] = values.get(key, 0.0) + sample.value
+    return values

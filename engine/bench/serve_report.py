@@ -42,6 +42,7 @@ class RequestRecord:
     cached_tokens: int | None = None
     hit_source: str = COLD
     hit_basis: str = "dataset"
+    disconnected: bool = False
 
     @classmethod
     def of(cls, index: int, conversation: Conversation, turn: int, send_time: float,
@@ -50,7 +51,7 @@ class RequestRecord:
                      first_in_group=conversation.first_in_group and turn == 0, send_time=send_time,
                      success=result.success, error=result.error, ttft=result.ttft, itls=result.itls,
                      e2e=result.e2e, prompt_tokens=result.prompt_tokens, output_tokens=result.output_tokens,
-                     cached_tokens=result.cached_tokens)
+                     cached_tokens=result.cached_tokens, disconnected=result.disconnected)
         record.hit_source, record.hit_basis = _hit_source(record)
         return record
 
@@ -110,15 +111,18 @@ def _group_rows(records: Sequence[RequestRecord], key: Callable[[RequestRecord],
 
 def summarize(records: Sequence[RequestRecord], duration: float, counters_before: dict | None,
               counters_after: dict | None) -> dict:
-    """The run's numbers: counts, throughputs, latency stats (ms), prefix hit rates, per source and turn."""
-    done = [r for r in records if r.success]
+    """The run's numbers: counts, throughputs, latency stats (ms), prefix hit rates, per source and turn.
+    Requests whose client disconnected on purpose count as neither completed nor failed."""
+    done = [r for r in records if r.success and not r.disconnected]
+    disconnected = sum(r.disconnected for r in records)
     input_tokens = sum(r.prompt_tokens or 0 for r in done)
     output_tokens = sum(r.output_tokens for r in done)
     reported = [r for r in done if r.cached_tokens is not None and r.prompt_tokens is not None]
     tpots = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
     cached, prompt = sum(r.cached_tokens for r in reported), sum(r.prompt_tokens for r in reported)
     return {
-        "completed": len(done), "failed": len(records) - len(done), "duration_s": duration,
+        "completed": len(done), "failed": len(records) - len(done) - disconnected, "disconnected": disconnected,
+        "duration_s": duration,
         "request_throughput": len(done) / duration, "input_tokens": input_tokens, "output_tokens": output_tokens,
         "input_throughput": input_tokens / duration, "output_throughput": output_tokens / duration,
         "total_token_throughput": (input_tokens + output_tokens) / duration,
@@ -141,7 +145,7 @@ def format_report(config: dict, s: dict) -> str:
              f"{config['length_unit']}), rate {config['request_rate']} req/s (burstiness {config['burstiness']}), "
              f"max concurrency {config['max_concurrency'] or 'unlimited'}",
              common.table(["", "value"], [
-                 ["completed / failed", f"{s['completed']} / {s['failed']}"],
+                 ["completed / failed / disconnected", f"{s['completed']} / {s['failed']} / {s['disconnected']}"],
                  ["duration s", s["duration_s"]],
                  ["requests/s", s["request_throughput"]],
                  ["input tok/s", s["input_throughput"]],
@@ -170,4 +174,11 @@ def format_report(config: dict, s: dict) -> str:
             [[row[first], row["requests"], row["prompt_tokens_mean"], common.percent(row["cached_rate"]),
               row["ttft_ms"]["mean"], row["ttft_ms"]["median"], row["ttft_ms"]["p99"]] for row in s[key]]))
         lines.append("")
+    server = s.get("server")
+    if server and server["rss_mb"]:
+        rss, drain = server["rss_mb"], server["after_drain"] or {}
+        lines.append(f"server RSS MiB: {rss['first']:.0f} at the start, {rss['after_warm_up']:.0f} after warm-up, "
+                     f"{rss['max']:.0f} max, {rss['last']:.0f} at the end ({server['samples']} samples); "
+                     f"requests held after the run: {drain.get('running', 'unknown')} running, "
+                     f"{drain.get('waiting', 'unknown')} waiting")
     return "\n".join(lines).rstrip()

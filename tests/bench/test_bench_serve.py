@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import statistics
 import sys
 
@@ -75,6 +76,28 @@ def test_refused_requests_are_counted_failed(server, tmp_path):
                "--result-json", str(path)])
     s = json.loads(path.read_text())["summary"]
     assert rc == 1 and (s["completed"], s["failed"]) == (0, NUM_PROMPTS)
+
+
+def test_soak_clients_that_go_away_leave_nothing_stuck(server, tmp_path):
+    """Half the clients close their stream after the first token: the rest all complete, the server
+    holds no request afterwards, and its memory was sampled throughout."""
+    n = 24
+    path = tmp_path / "soak.json"
+    rc = main(["bench", "serve", "--base-url", server.base_url, "--num-prefixes", "2", "--prefix-len", "24",
+               "--input-len", "4", "--output-len", "12", "--num-prompts", str(n), "--disconnect-fraction", "0.5",
+               "--server-sample-s", "0.2", "--max-concurrency", "12", "--disable-tqdm", "--result-json", str(path)])
+    result = json.loads(path.read_text())
+    s = result["summary"]
+    chooser = random.Random(0 + 1)   # --seed 0: the same requests go away every run
+    expected = sum(chooser.random() < 0.5 for _ in range(n))
+    assert rc == 0 and (s["completed"], s["failed"], s["disconnected"]) == (n - expected, 0, expected)
+    gone = [r for r in result["requests"] if r["disconnected"]]
+    assert len(gone) == expected and all(r["ttft"] > 0 and r["e2e"] is None for r in gone)
+    assert all(r["output_tokens"] == 12 for r in result["requests"] if not r["disconnected"])
+    assert s["server"]["after_drain"]["running"] == 0 and s["server"]["after_drain"]["waiting"] == 0
+    assert s["server"]["samples"] >= 1 and s["server"]["rss_mb"]["max"] > 0
+    with pytest.raises(SystemExit, match="--disconnect-fraction must be 0 with --turns > 1"):
+        main(["bench", "serve", "--turns", "2", "--num-prompts", "4", "--disconnect-fraction", "0.5"])
 
 
 def test_bad_options_name_the_option():
