@@ -1,4 +1,5 @@
-"""The `kvstore` command: `serve` (the daemon), `bench` (throughput and latency), `gen-proto`."""
+"""The `kvstore` command: `serve` (the daemon), `bench` (throughput and latency), `soak` (the daemon
+under many good and abusive clients), `gen-proto`."""
 
 from __future__ import annotations
 
@@ -82,6 +83,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any(r.bad_blocks for r in results) else 0
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from kvstore import soak
+
+    cfg = soak.SoakConfig(
+        url=args.url, clients=args.clients, duration_s=args.duration_s, block_bytes=parse_bytes(args.block_bytes),
+        batch=args.batch, window=args.window, memory_bytes=parse_bytes(args.memory_bytes),
+        max_message_bytes=parse_bytes(args.max_message_bytes), stream_idle_timeout_s=args.stream_idle_timeout_s,
+        stalled_fraction=args.stalled_fraction, oversized_fraction=args.oversized_fraction,
+        disconnecting_fraction=args.disconnecting_fraction, health_interval_s=args.health_interval_s,
+        health_deadline_s=args.health_deadline_s, health_slow_ms=args.health_slow_ms, metrics_url=args.metrics_url, daemon_pid=args.daemon_pid,
+        rss_allowance_bytes=None if args.rss_allowance is None else parse_bytes(args.rss_allowance))
+    report = soak.run_soak(cfg)
+    print(soak.format_table(report))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(asdict(report), out, indent=1)
+    return 1 if report.failures else 0
+
+
 def cmd_gen_proto(args: argparse.Namespace) -> int:
     from kvstore.proto import generate
 
@@ -105,7 +125,8 @@ EPILOG = """`kvstore <command> --help` lists a command's flags. Examples:
   kvstore serve                                  # memory tier only, 127.0.0.1:50051
   kvstore serve --config deploy/kvstore.yaml     # tiers and listen address from the file
   kvstore bench --baseline                       # in-process store, plus raw gRPC on loopback
-  kvstore bench --url grpc://127.0.0.1:50051 --shm"""
+  kvstore bench --url grpc://127.0.0.1:50051 --shm
+  kvstore soak --duration-s 300 --json soak.json  # 64 clients, good and abusive, against a daemon it starts"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +159,33 @@ def build_parser() -> argparse.ArgumentParser:
                             "equal to its slot_bytes) beside the gRPC payload path (mode daemon), same run")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(run=cmd_bench)
+
+    soak = sub.add_parser("soak", help="many good, stalled, oversized and disconnecting clients against a daemon; "
+                                       "exit 1 on a wrong byte, a lost block or a slow health check")
+    soak.add_argument("--url", help="grpc://host:port of a running daemon (default: start one, with a memory tier "
+                                    "of --memory-bytes)")
+    soak.add_argument("--clients", type=int, default=64, help="concurrent clients, one thread each")
+    soak.add_argument("--duration-s", type=float, default=300.0, help="how long the clients run")
+    soak.add_argument("--block-bytes", default="1MiB", help="size of the good clients' blocks")
+    soak.add_argument("--batch", type=int, default=2, help="blocks per Put of a good client")
+    soak.add_argument("--window", type=int, default=4, help="acknowledged blocks a good client keeps stored at most")
+    soak.add_argument("--memory-bytes", default="256MiB", help="the started daemon's memory tier (its RSS budget)")
+    soak.add_argument("--max-message-bytes", default="8MiB",
+                      help="the daemon's max_message_bytes (set in the started daemon; with --url, give its value)")
+    soak.add_argument("--stream-idle-timeout-s", type=float, default=30.0,
+                      help="the started daemon's stream_idle_timeout_s (when stalled streams are cut)")
+    soak.add_argument("--stalled-fraction", type=float, default=0.10, help="share of stalled clients")
+    soak.add_argument("--oversized-fraction", type=float, default=0.10, help="share of oversized clients")
+    soak.add_argument("--disconnecting-fraction", type=float, default=0.05,
+                      help="share of clients that disconnect mid-stream (good clients are the rest)")
+    soak.add_argument("--health-interval-s", type=float, default=0.1, help="seconds between health checks")
+    soak.add_argument("--health-deadline-s", type=float, default=1.0, help="deadline of one health check")
+    soak.add_argument("--health-slow-ms", type=float, default=100.0, help="a health check slower than this fails")
+    soak.add_argument("--metrics-url", help="with --url: the daemon's http://host:port/metrics (evictions)")
+    soak.add_argument("--daemon-pid", type=int, help="with --url: the daemon's pid on this host (its RSS)")
+    soak.add_argument("--rss-allowance", help="fail when the daemon's RSS passes 1.5 x --memory-bytes + this")
+    soak.add_argument("--json", help="also write the report to this JSON file")
+    soak.set_defaults(run=cmd_soak)
 
     gen = sub.add_parser("gen-proto", help="regenerate kvstore/proto/ from protos/kvstore.proto")
     gen.set_defaults(run=cmd_gen_proto)
