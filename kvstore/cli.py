@@ -92,7 +92,8 @@ def cmd_soak(args: argparse.Namespace) -> int:
         max_message_bytes=parse_bytes(args.max_message_bytes), stream_idle_timeout_s=args.stream_idle_timeout_s,
         stalled_fraction=args.stalled_fraction, oversized_fraction=args.oversized_fraction,
         disconnecting_fraction=args.disconnecting_fraction, health_interval_s=args.health_interval_s,
-        health_deadline_s=args.health_deadline_s, health_slow_ms=args.health_slow_ms, metrics_url=args.metrics_url, daemon_pid=args.daemon_pid,
+        health_deadline_s=args.health_deadline_s, health_slow_ms=args.health_slow_ms, metrics_url=args.metrics_url,
+        daemon_pid=args.daemon_pid,
         rss_allowance_bytes=None if args.rss_allowance is None else parse_bytes(args.rss_allowance))
     report = soak.run_soak(cfg)
     print(soak.format_table(report))
