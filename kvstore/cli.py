@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--max-message-bytes", default="8MiB",
                       help="the daemon's max_message_bytes (set in the started daemon; with --url, give its value)")
     soak.add_argument("--stream-idle-timeout-s", type=float, default=30.0,
-                      help="the started daemon's stream_idle_timeout_s (when stalled streams are cut)")
+                      help="the started daemon's stream_idle_timeout_s (when stalled streams are cut; "
+                           "with --url, give its value)")
     soak.add_argument("--stalled-fraction", type=float, default=0.10, help="share of stalled clients")
     soak.add_argument("--oversized-fraction", type=float, default=0.10, help="share of oversized clients")
     soak.add_argument("--disconnecting-fraction", type=float, default=0.05,

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # The statuses each kind of client may get from a healthy daemon. Good clients are turned away as
 # busy (RESOURCE_EXHAUSTED, retried) while abusive ones hold calls; stalled streams are cut
-# (CANCELLED, or DEADLINE_EXCEEDED); a stalled Get whose bytes fit the HTTP/2 window ends OK.
+# (CANCELLED, or DEADLINE_EXCEEDED). OK is every abusive client's own block (its Put and Delete).
 EXPECTED_STATUSES = {
     "good": {"OK", "RESOURCE_EXHAUSTED"},
     "stalled": {"OK", "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"},
@@ -45,6 +45,9 @@ EXPECTED_STATUSES = {
 # What an oversized request itself must get (OK is its client's own setup block).
 OVERSIZED_REFUSALS = {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
 RSS_BUDGET_FACTOR = 1.5
+# The daemon's idle watchdog looks every second at most: a stalled Get is cut within this much
+# past stream_idle_timeout_s.
+STALL_GRACE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,7 @@ def _soak(cfg: SoakConfig, url: str, metrics_url: str | None, pid: int | None) -
         with EvictionCounter(metrics_url) as evictions:
             setup = ClientSetup(url=url, namespace=f"soak-{uuid.uuid4().hex[:12]}", block_bytes=cfg.block_bytes,
                                 batch=cfg.batch, window=cfg.window, max_message_bytes=cfg.max_message_bytes,
-                                tally=Tally(), stop=threading.Event(),
+                                stall_s=cfg.stream_idle_timeout_s + STALL_GRACE_S, tally=Tally(), stop=threading.Event(),
                                 evictions_polled=lambda: evictions.polled, evictions_now=evictions.now)
             ran_s = _run_clients(cfg, setup, monitor)
             summary = monitor.stop()

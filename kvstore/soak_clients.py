@@ -61,8 +61,8 @@ class Tally:
     """What every client did, counted under one lock."""
 
     statuses: dict[str, Counter] = field(default_factory=lambda: {kind: Counter() for kind in KINDS})
-    puts: int = 0
-    gets: int = 0
+    puts: int = 0   # acknowledged Puts of good clients
+    gets: int = 0   # Gets of good clients that answered
     bytes_put: int = 0
     bytes_got: int = 0
     blocks_verified: int = 0
@@ -92,6 +92,9 @@ class ClientSetup:
     batch: int
     window: int
     max_message_bytes: int
+    # How long a stalled Get waits before reading: past the daemon's stream_idle_timeout_s and the
+    # up to 1 s its watchdog takes to notice.
+    stall_s: float
     tally: Tally
     stop: threading.Event
     # The daemon's memory-tier evictions: (the last polled count, a fresh count); None = unknown.
@@ -170,19 +173,18 @@ class GoodClient:
         payloads = [os.urandom(self.setup.block_bytes) for _ in keys]
         ok, stored = _busy_retried(self.setup, "good",
                                    lambda: client.put(self.setup.namespace, list(zip(keys, payloads))))
-        self.setup.tally.add(puts=1)
         if ok and stored == len(keys):
             evictions = self.setup.evictions_polled()
-            self.setup.tally.add(bytes_put=len(keys) * self.setup.block_bytes)
+            self.setup.tally.add(puts=1, bytes_put=len(keys) * self.setup.block_bytes)
             self._held.append(_Acked(keys, payloads, evictions))
         else:   # not acknowledged: whatever part of it was stored must not stay
             _busy_retried(self.setup, "good", lambda: client.delete(self.setup.namespace, keys))
 
     def _verify(self, client: KVStoreClient, batch: _Acked) -> None:
         ok, got = _busy_retried(self.setup, "good", lambda: client.get(self.setup.namespace, batch.keys))
-        self.setup.tally.add(gets=1)
         if not ok:
             return
+        self.setup.tally.add(gets=1)
         for expected, block in zip(batch.payloads, got):
             if block is None:
                 self._miss(batch)
@@ -278,9 +280,21 @@ class StalledClient(_AbusiveClient):
 
     def _get_unread(self, stub: pb_grpc.KVStoreStub) -> None:
         repeats = min(4096, max(1, STALLED_GET_BYTES // self.setup.block_bytes))
-        self._stall(lambda _: stub.Get(pb.GetRequest(namespace=self.setup.namespace, keys=[self.own_key] * repeats)))
+        call = stub.Get(pb.GetRequest(namespace=self.setup.namespace, keys=[self.own_key] * repeats))
+        # A Get's status reaches its client only after the messages before it are read: wait past
+        # the daemon's idle timeout, then read what arrived to learn how the daemon ended the call.
+        if self.setup.stop.wait(self.setup.stall_s):
+            call.cancel()
+            return
+        try:
+            for _ in call:
+                pass
+        except grpc.RpcError:
+            pass   # its status is counted below
+        self.setup.tally.status(self.kind, call.code())
 
     def _stall(self, start: Callable[[threading.Event], grpc.Future]) -> None:
+        """Start a Put stream that goes quiet, and wait for the daemon to end it."""
         release = threading.Event()
         try:
             _wait_for_end(self.setup, self.kind, start(release))
