@@ -4,8 +4,8 @@ The daemon is started as its own process (`kvstore serve`, one memory tier of `m
 kvstore/soak_daemon.py) unless a URL is given. `clients` threads (kvstore/soak_clients.py) run for
 `duration_s`: good ones put, read back, compare and delete blocks; stalled ones open streams and go
 quiet; oversized ones send what is over the limits; disconnecting ones walk away mid-stream. A
-separate process (kvstore/soak_monitor.py) checks the daemon's health every `health_interval_s` and
-samples its RSS.
+separate process (kvstore/soak_monitor.py) checks the daemon's health with `health_interval_s`
+between checks and samples its RSS.
 
 The report says what was done and what went wrong; `failures()` lists what fails the run (exit 1):
 a wrong byte, an acknowledged block lost (missing while the memory tier evicted nothing since its

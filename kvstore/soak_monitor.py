@@ -1,5 +1,5 @@
-"""The soak's watcher: `grpc.health.v1.Health/Check` on the daemon every interval, timed, and the
-daemon process's RSS beside it.
+"""The soak's watcher: `grpc.health.v1.Health/Check` on the daemon, one after another with an interval
+between them, each timed, and the daemon process's RSS sampled beside each.
 
 It runs as its own process (`HealthMonitor`): in the soak's process its clock would also count the
 time its thread waits for the GIL behind dozens of client threads, so a slow check would say as much
