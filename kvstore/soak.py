@@ -237,7 +237,8 @@ def _soak(cfg: SoakConfig, url: str, metrics_url: str | None, pid: int | None) -
         with EvictionCounter(metrics_url) as evictions:
             setup = ClientSetup(url=url, namespace=f"soak-{uuid.uuid4().hex[:12]}", block_bytes=cfg.block_bytes,
                                 batch=cfg.batch, window=cfg.window, max_message_bytes=cfg.max_message_bytes,
-                                stall_s=cfg.stream_idle_timeout_s + STALL_GRACE_S, tally=Tally(), stop=threading.Event(),
+                                stall_s=cfg.stream_idle_timeout_s + STALL_GRACE_S, tally=Tally(),
+                                stop=threading.Event(),
                                 evictions_polled=lambda: evictions.polled, evictions_now=evictions.now)
             ran_s = _run_clients(cfg, setup, monitor)
             summary = monitor.stop()
