@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 _METRICS_LINE = re.compile(r"metrics on http://[^:]+:(\d+)/metrics")
 # Log lines that mean the daemon hit something it did not handle.
 _PROBLEM = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b")
-START_TIMEOUT_S = 60.0
 EVICTION_POLL_S = 0.25
 
 
