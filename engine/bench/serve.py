@@ -175,7 +175,10 @@ async def benchmark(config: ServeBenchConfig) -> dict:
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     # One connection per request in flight; without a cap, as many as requests can be in flight.
     connections = config.max_concurrency or config.num_conversations
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    # Idle connections are dropped well before servers close them (uvicorn after 5 s, httpx's own
+    # default): a request sent on a connection the server is closing fails before it is read (one of
+    # 1,536 did in a soak, absent from the server's access log).
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=1.0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(config.timeout, connect=30.0), limits=limits) as client:
         model = config.model or await first_model(client, config.base_url, headers)
         vocabulary, unit = await choose_vocabulary(await token_counter(client, config.base_url, model, headers))
