@@ -181,12 +181,26 @@ def _build_config(path: str, name: str, raw: dict, dtype: torch.dtype, eos: tupl
     )
 
 
+# transformers 5.25+ requires Hugging Face's `kernels` distribution, and older ones import it when it
+# is installed: its top-level package has the name of ours, and transformers then imports ours.
+KERNELS_CLASH = ("transformers failed to import Hugging Face's `kernels` package ({error}): the "
+                 "top-level package `kernels` of tierkv has the same name. Install transformers<5.25 "
+                 "(pip install 'transformers<5.25') and uninstall Hugging Face's `kernels` (pip uninstall "
+                 "kernels), or run tierkv in an environment of its own.")
+
+
 def _hf_config(raw: dict):
     """The transformers config object for `raw`: it fills in each architecture's defaults."""
-    from transformers import CONFIG_MAPPING
-
     fields = {k: v for k, v in raw.items() if not k.startswith("_")}
-    return CONFIG_MAPPING[raw["model_type"]].from_dict(fields)
+    try:
+        from transformers import CONFIG_MAPPING
+
+        config_class = CONFIG_MAPPING[raw["model_type"]]   # imports the architecture's module lazily
+    except ImportError as error:
+        if "kernels" in str(error):
+            raise ImportError(KERNELS_CLASH.format(error=error)) from error
+        raise
+    return config_class.from_dict(fields)
 
 
 def _eos_token_ids(path: str, raw: dict) -> tuple[int, ...]:

@@ -107,3 +107,17 @@ def test_resolve_model_path(tmp_path, qwen3_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither config.json nor a .gguf"):
         resolve_model_path(str(tmp_path / "empty"))
+
+
+def test_hugging_face_kernels_clash_says_what_to_do(qwen3_dir, monkeypatch):
+    """transformers 5.25+ imports Hugging Face's `kernels`, which finds ours: the error must say so
+    and how to fix the environment, not leave a bare ImportError from deep inside transformers."""
+    import transformers
+
+    class Clashing:
+        def __getitem__(self, model_type):
+            raise ImportError("cannot import name 'CUDAProperties' from 'kernels' (/src/kernels/__init__.py)")
+
+    monkeypatch.setattr(transformers, "CONFIG_MAPPING", Clashing())
+    with pytest.raises(ImportError, match=r"pip install 'transformers<5.25'.*pip uninstall kernels"):
+        load_model_config(qwen3_dir, load_format="dummy")
