@@ -254,7 +254,9 @@ def run_soak(cfg: SoakConfig) -> SoakReport:
         report = _soak(cfg, cfg.url, cfg.metrics_url, cfg.daemon_pid)
     else:
         with tempfile.TemporaryDirectory(prefix="kvstore-soak-") as workdir:
-            daemon = SpawnedDaemon(Path(workdir), cfg.memory_bytes, cfg.max_message_bytes, cfg.stream_idle_timeout_s)
+            daemon = SpawnedDaemon(Path(workdir), {"tiers": [{"type": "memory", "bytes": cfg.memory_bytes}],
+                                                   "max_message_bytes": cfg.max_message_bytes,
+                                                   "stream_idle_timeout_s": cfg.stream_idle_timeout_s})
             with daemon:
                 report = _soak(cfg, daemon.url, daemon.metrics_url, daemon.pid)
             report.daemon_exit_code = daemon.exit_code

@@ -38,13 +38,13 @@ def scrape(metrics_url: str) -> dict[tuple[str, str | None], float]:
 
 
 class SpawnedDaemon:
-    """`kvstore serve` in its own process with one memory tier of `memory_bytes`; a context manager."""
+    """`kvstore serve` in its own process, on loopback, with `config` (its tiers and limits; a
+    metrics port is added); a context manager. The soak and `tierkv bench offload --start-kvstore`
+    start their daemons with it."""
 
-    def __init__(self, workdir: Path, memory_bytes: int, max_message_bytes: int, stream_idle_timeout_s: float):
+    def __init__(self, workdir: Path, config: dict):
         self.workdir = workdir
-        self.config = {"listen": "127.0.0.1:0", "metrics_port": 0,
-                       "tiers": [{"type": "memory", "bytes": memory_bytes}],
-                       "max_message_bytes": max_message_bytes, "stream_idle_timeout_s": stream_idle_timeout_s}
+        self.config = {**config, "listen": "127.0.0.1:0", "metrics_port": 0}
         self.log_path = workdir / "daemon.log"
         self.process: subprocess.Popen | None = None
         self.url = ""

@@ -3,9 +3,7 @@ redis-server, moto's S3 server, a `kvstore serve` daemon whose memory tier is a 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import socket
 import subprocess
@@ -13,6 +11,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -85,20 +84,17 @@ def start_kvstore(stack: ExitStack, slab_bytes: int, slot_bytes: int) -> str:
     """`kvstore serve` as a separate process on this host, its memory tier a slab of `slab_bytes`
     in slots of `slot_bytes` (the engine's offloaded block size, so the engine maps it); its URL.
     Stopped with SIGTERM when `stack` closes, which removes the slab's /dev/shm segment."""
+    from kvstore.soak_daemon import SpawnedDaemon
+
     workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tierkv-bench-kvstore-"))
-    config = os.path.join(workdir, "kvstore.json")
-    with open(config, "w") as f:
-        json.dump({"tiers": [{"type": "memory", "bytes": slab_bytes, "slot_bytes": slot_bytes}]}, f)
-    proc = subprocess.Popen([sys.executable, "-m", "kvstore.cli", "--log-level", "WARNING", "serve", "--port", "0",
-                             "--grace", "0", "--config", config], stdout=subprocess.PIPE, text=True)
-    stack.callback(_stop, proc)
-    line = proc.stdout.readline()
-    if "serving on" not in line:
-        raise SystemExit(f"tierkv bench: kvstore serve did not start (exit {proc.poll()}): {line.strip()}")
-    url = f"grpc://127.0.0.1:{line.rsplit(':', 1)[1].strip()}"
-    logger.info("started kvstore serve at %s: a %d-slot slab of %d-byte slots", url, slab_bytes // slot_bytes,
+    tier = {"type": "memory", "bytes": slab_bytes, "slot_bytes": slot_bytes}
+    try:
+        daemon = stack.enter_context(SpawnedDaemon(Path(workdir), {"tiers": [tier]}))
+    except RuntimeError as error:
+        raise SystemExit(f"tierkv bench: {error}") from None
+    logger.info("started kvstore serve at %s: a %d-slot slab of %d-byte slots", daemon.url, slab_bytes // slot_bytes,
                 slot_bytes)
-    return url
+    return daemon.url
 
 
 def _stop(proc: subprocess.Popen) -> None:
