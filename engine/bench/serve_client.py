@@ -157,24 +157,20 @@ async def token_counter(client: httpx.AsyncClient, base_url: str, model: str, he
 
 async def prefix_counters(client: httpx.AsyncClient, base_url: str, headers: dict[str, str]) -> dict[str, float] | None:
     """The prefix-cache counters on GET /metrics, summed over their labels; None without /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        response = await client.get(f"{base_url}/metrics", headers=headers)
-        response.raise_for_status()
-    except httpx.HTTPError as err:
-        logger.warning("no %s/metrics (%s): prefix hit rates are unknown", base_url, err)
-        return None
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            if sample.name in PREFIX_COUNTERS:
-                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    totals = await _metric_sums(client, base_url, headers, {name: name for name in PREFIX_COUNTERS})
+    if totals is None:
+        logger.warning("no %s/metrics: prefix hit rates are unknown", base_url)
     return totals
 
 
 async def server_gauges(client: httpx.AsyncClient, base_url: str, headers: dict[str, str]) -> dict[str, float] | None:
     """The server's memory and the requests it holds (`SERVER_GAUGES`) from GET /metrics; None without."""
+    return await _metric_sums(client, base_url, headers, SERVER_GAUGES)
+
+
+async def _metric_sums(client: httpx.AsyncClient, base_url: str, headers: dict[str, str],
+                       wanted: dict[str, str]) -> dict[str, float] | None:
+    """{wanted[sample name]: value summed over its labels} from GET /metrics; None without /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -182,10 +178,10 @@ async def server_gauges(client: httpx.AsyncClient, base_url: str, headers: dict[
         response.raise_for_status()
     except httpx.HTTPError:
         return None
-    values: dict[str, float] = {}
+    totals: dict[str, float] = {}
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
-            if sample.name in SERVER_GAUGES:
-                key = SERVER_GAUGES[sample.name]
-                values[key] = values.get(key, 0.0) + sample.value
-    return values
+            if sample.name in wanted:
+                key = wanted[sample.name]
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
