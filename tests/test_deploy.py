@@ -1,6 +1,7 @@
-"""deploy/ stays in step with the code: configs parse with the real parsers, dashboards and alerts name
-only metrics the code registers, compose / Kubernetes / configs agree on ports, and the daemon's
-container entrypoint and health probe work against a real daemon."""
+"""deploy/ stays in step with the code: configs parse with the real parsers, compose.yaml and the
+Kubernetes manifests validate against their schemas, dashboards and alerts name only metrics the code
+registers, compose / Kubernetes / configs agree on ports, and the daemon's container entrypoint and
+health probe work against a real daemon."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import subprocess
 import sys
 import time
 import tomllib
+from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -208,6 +211,43 @@ def test_alerts_cover_outages_and_match_the_prometheus_rule():
 
 
 # ---------------------------------------------------------------- compose
+
+
+def compose_spec_validator() -> jsonschema.protocols.Validator:
+    """A validator for the Compose Specification's JSON schema (compose-spec/compose-spec,
+    schema/compose-spec.json, Apache-2.0), as check-jsonschema ships it: `docker compose config`
+    checks a file against the same schema, without needing Docker."""
+    text = resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    schema = json.loads(text)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def compose_errors(doc: dict) -> list[str]:
+    """Each schema error as "path/to/key: message" (an empty path for the top level)."""
+    return sorted(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in compose_spec_validator().iter_errors(doc))
+
+
+def test_compose_files_validate_against_the_compose_spec():
+    # A compose file is a YAML file with top-level `services`; deploy/kvstore.compose.yaml is not one
+    # (it is the daemon's config that compose.yaml mounts, checked by parse_store_config above).
+    compose_files = sorted(p.name for p in DEPLOY.glob("*.yaml") if "services" in yaml.safe_load(p.read_text()))
+    assert compose_files == ["compose.yaml"]
+    assert "./kvstore.compose.yaml:/etc/kvstore/kvstore.yaml:ro" in compose()["services"]["kvstore"]["volumes"]
+    assert compose_errors(compose()) == []
+
+
+def test_compose_spec_validation_rejects_what_compose_would():
+    """The schema check is live: a wrong type, an unknown top-level key and a misspelt service key fail."""
+    bad_ports = compose()
+    bad_ports["services"]["redis"]["ports"] = 5
+    assert "services/redis/ports: 5 is not of type 'array'" in compose_errors(bad_ports)
+    typo = {**compose(), "servces": {}}
+    assert compose_errors(typo) == [": 'servces' does not match any of the regexes: '^x-'"]
+    misspelt = compose()
+    misspelt["services"]["kvstore"]["shm-size"] = misspelt["services"]["kvstore"].pop("shm_size")
+    assert compose_errors(misspelt) == ["services/kvstore: Unevaluated properties are not allowed ('shm-size' was unexpected)"]
 
 
 def test_compose_wires_the_offload_story():
