@@ -61,12 +61,14 @@ class SealedBlock:
 
     @classmethod
     def seal(cls, payload: bytes | bytearray | memoryview, namespace: str, key: bytes,
-             expires_at: float | None = None, *, checksum: int | None = None) -> "SealedBlock":
+             expires_at: float | None = None, *, checksum: int | None = None,
+             borrow: bool = False) -> "SealedBlock":
         """A block for (`namespace`, `key`). `checksum` is `block_checksum(payload, namespace, key,
         expires_at)` (signed or unsigned 64-bit) when the caller already has it (the engine computes
         it on the GPU): it is trusted here and checked on every read. A mutable buffer is copied
-        once so later writes cannot change it."""
-        data = payload if isinstance(payload, bytes) else bytes(payload)
+        once so later writes cannot change it, unless `borrow`: the caller keeps it unchanged
+        until the block is stored (a slab slot under a lease), and no copy is made."""
+        data = payload if isinstance(payload, bytes) or borrow else bytes(payload)
         checksum = block_checksum(data, namespace, key, expires_at) if checksum is None else to_int64(checksum)
         return cls(data, checksum, len(data), expires_at)
 

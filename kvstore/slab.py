@@ -16,6 +16,14 @@ to first, so the head of a chain (the shared system prompt every request starts 
 recently used and tails age out first. A lookup stops at the first miss, so losing a head would
 hide every block after it.
 
+Writing evicted blocks down (`hold_evicted`): the slots of the blocks an `allocate` pushes out stay
+leased to the evictor, which writes their bytes to a lower tier straight from the slot and then
+`release`s them; only then are they free. So no block is copied out of its slot under the lock
+(copying a 28 MiB block into fresh memory held the interpreter for ~10 ms, and an allocate that
+evicted a dozen stalled every other thread of the process for over 100 ms). Such an allocate hands
+out the slots free now and evicts ahead of demand (`headroom` slots), so a steady stream of saves
+finds slots freed by earlier write-downs; a caller that may wait (`wait_s`) waits for them.
+
 A block fills its slot (the engine's blocks are all `slot_bytes`) unless it was committed with a
 shorter `length` (the daemon's payload path stores blocks of any size up to a slot).
 """
@@ -56,11 +64,13 @@ class Slab:
     """`num_slots` slots of `slot_bytes` each over `buffer`; thread-safe.
 
     `on_evict(evicted)` is called (under the slab's lock, before the slots are reused) with the
-    blocks a call pushed out, so a lower tier can take a copy of their bytes.
+    blocks a call pushed out, so a lower tier can take a copy of their bytes; with `hold_evicted`,
+    their slots stay leased to the callee until it `release`s them (the module docstring says why).
     """
 
     def __init__(self, buffer, num_slots: int, slot_bytes: int, *, name: str = "memory",
-                 ttl_s: float | None = None, on_evict: Callable[[list[EvictedSlot]], None] | None = None) -> None:
+                 ttl_s: float | None = None, on_evict: Callable[[list[EvictedSlot]], None] | None = None,
+                 hold_evicted: bool = False) -> None:
         if num_slots < 1 or slot_bytes < 1:
             raise ValueError(f"slab: num_slots and slot_bytes must be positive, got {num_slots}, {slot_bytes}")
         self.buffer = buffer
@@ -73,7 +83,12 @@ class Slab:
         self.slot_bytes = slot_bytes
         self.ttl_s = ttl_s
         self._on_evict = on_evict
+        self._hold_evicted = hold_evicted and on_evict is not None
+        # Slots evicted ahead of demand: enough for a few saves of a long prompt, a small share of the slab.
+        self.headroom = max(1, num_slots // 16)
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
+        self._held: set[int] = set()   # evicted slots the evictor is writing down
         self._index: dict[tuple[str, bytes], SlotBlock] = {}
         self._owner: list[tuple[str, bytes] | None] = [None] * num_slots   # indexed entry of each slot
         self._deadline = [_NO_EXPIRY] * num_slots
@@ -125,29 +140,53 @@ class Slab:
         return self._view[start:start + self.slot_bytes]
 
     # --- writes ---------------------------------------------------------------------------------
-    def allocate(self, count: int) -> list[int]:
-        """Lease up to `count` empty slots for blocks about to be written; fewer when the rest are leased."""
-        evicted: list[EvictedSlot] = []
-        now = time.time()
+    def allocate(self, count: int, wait_s: float = 0.0) -> list[int]:
+        """Lease up to `count` empty slots for blocks about to be written; fewer when the rest are
+        leased, or (`hold_evicted`) still being written down after `wait_s` seconds."""
+        deadline = time.monotonic() + wait_s
         with self._lock:
-            slots = []
-            while len(slots) < count:
-                if self._free:
-                    slots.append(self._free.pop())
-                    continue
-                victim = next((s for s in self._lru if not self._leases[s]), None)
-                if victim is None:
-                    break
-                namespace, key = self._owner[victim]
-                if self._deadline[victim] > now:   # an expired block is not worth writing down
-                    evicted.append(EvictedSlot(namespace, key, self._index[(namespace, key)]))
-                self._unindex(victim)
-                slots.append(victim)
-            for slot in slots:
-                self._leases[slot] = 1
+            slots = self._take_free(count)
+            evicted = self._evict(count, slots)
             if evicted and self._on_evict is not None:
                 self._on_evict(evicted)
+            while len(slots) < count and self._held and (left := deadline - time.monotonic()) > 0:
+                self._freed.wait(left)
+                slots += self._take_free(count - len(slots))
+            for slot in slots:
+                self._leases[slot] = 1
         return slots
+
+    def _take_free(self, count: int) -> list[int]:
+        n = min(count, len(self._free))
+        taken = self._free[len(self._free) - n:][::-1]   # popped from the end: low slots first
+        del self._free[len(self._free) - n:]
+        return taken
+
+    def _evict(self, count: int, slots: list[int]) -> list[EvictedSlot]:
+        """Push out least recently used blocks until `slots` holds `count`; with `hold_evicted`
+        also the headroom, and blocks to write down are held instead of handed out."""
+        wanted = count - len(slots)
+        if self._hold_evicted:
+            wanted += max(0, self.headroom - len(self._held) - len(self._free))
+        now = time.time()
+        evicted: list[EvictedSlot] = []
+        for _ in range(wanted):
+            victim = next((s for s in self._lru if not self._leases[s]), None)
+            if victim is None:
+                break
+            namespace, key = self._owner[victim]
+            write_down = self._deadline[victim] > now   # an expired block is not worth writing down
+            if write_down:
+                evicted.append(EvictedSlot(namespace, key, self._index[(namespace, key)]))
+            self._unindex(victim)
+            if write_down and self._hold_evicted:
+                self._leases[victim] = 1
+                self._held.add(victim)
+            elif len(slots) < count:
+                slots.append(victim)
+            else:
+                self._free.append(victim)
+        return evicted
 
     def commit(self, namespace: str, keys: Sequence[bytes], slots: Sequence[int], checksums: Sequence[int],
                expires_at: Sequence[float | None], *, lengths: Sequence[int] | None = None,
@@ -244,3 +283,6 @@ class Slab:
             self._leases[slot] -= 1
             if not self._leases[slot] and self._owner[slot] is None:
                 self._free.append(slot)
+                if slot in self._held:
+                    self._held.discard(slot)
+                    self._freed.notify_all()

@@ -3,7 +3,9 @@
 The slab is one host tensor of `[num_slots, block_bytes]`, pinned on CUDA, so the worker moves KV
 pages into and out of it by DMA at PCIe speed (kvstore/slab.py keeps the index, LRU and leases).
 Redis and S3 sit below it as a `TieredStore`: blocks reach them when a policy names them, or when
-the slab evicts them (written down unless the next tier has them already). A block read from
+the slab evicts them. An evicted block is written down straight from its slot by a thread of its
+own, the slot leased until then (kvstore/slab.py, `hold_evicted`): no block bytes are copied in
+Python on the way down, so the engine thread never waits for the interpreter behind a copy. A block read from
 below is written into a slot first (and kept there when the memory tier is configured: promoted),
 so every load ends as one host-to-device copy out of the slab.
 
@@ -18,6 +20,7 @@ import queue
 import threading
 from collections.abc import Collection
 
+import numpy as np
 import torch
 
 from engine.connector.config import OffloadConfig
@@ -29,6 +32,9 @@ from kvstore.store import LookupResult, TieredStore, TierUsage
 logger = logging.getLogger(__name__)
 
 MEMORY = "memory"
+# How long bringing blocks up from a lower tier waits for slab slots being written down (a load
+# thread, never the engine's: the request is waiting for its KV anyway).
+_PROMOTE_WAIT_S = 2.0
 _KEY = "kv_transfer_config.kv_connector_extra_config"
 
 
@@ -44,7 +50,7 @@ class EmbeddedStore:
                       if cfg.secondary_tiers else None)
         self._write_downs: queue.Queue = queue.Queue()
         self.slab = Slab(self.slab_rows.numpy(), num_slots, block_bytes, name=MEMORY,
-                         on_evict=self._on_evict if self.lower is not None else None)
+                         on_evict=self._on_evict if self.lower is not None else None, hold_evicted=True)
         self._writer = threading.Thread(target=self._write_down_loop, name="kv-write-down", daemon=True)
         self._writer.start()
         logger.info("offloading to an embedded store: %d slots of %.1f MiB%s, tiers %s", num_slots,
@@ -69,9 +75,10 @@ class EmbeddedStore:
         return LookupResult(len(tiers), tiers)
 
     # --- what the worker side asks of a slab store (the daemon's client provides the same) ---------
-    def allocate(self, count: int) -> list[int]:
-        """Lease up to `count` empty slots for blocks about to be written."""
-        return self.slab.allocate(count)
+    def allocate(self, count: int, wait_s: float = 0.0) -> list[int]:
+        """Lease up to `count` empty slots for blocks about to be written, waiting up to `wait_s`
+        for slots whose blocks are being written down."""
+        return self.slab.allocate(count, wait_s)
 
     def acquire(self, namespace: str, keys: list[bytes]) -> list[SlotBlock]:
         """Lease the slots of the leading blocks held in any tier; blocks found only below are
@@ -115,10 +122,12 @@ class EmbeddedStore:
             if block is None or len(block.payload) != self.block_bytes:
                 break
             found.append(block)
-        slots = self.slab.allocate(len(found))
+        slots = self.slab.allocate(len(found), _PROMOTE_WAIT_S)
+        rows = self.slab_rows.numpy()
         blocks = []
         for block, slot in zip(found, slots):
-            self.slab.view(slot)[:] = block.payload
+            # numpy copies without holding the interpreter (a memoryview assignment holds it).
+            np.copyto(rows[slot], np.frombuffer(block.payload, dtype=np.uint8))
             blocks.append(SlotBlock(slot, block.checksum, block.expires_at))
         if blocks and self.has_memory_tier:
             self.slab.commit(namespace, keys[:len(blocks)], slots, [b.checksum for b in blocks],
@@ -127,22 +136,28 @@ class EmbeddedStore:
 
     def _write_lower(self, namespace: str, blocks: list[tuple[bytes, memoryview, int, float | None]],
                      tiers: list[str]) -> int:
-        sealed = [(key, SealedBlock.seal(payload, namespace, key, expires_at, checksum=checksum))
+        """Write blocks from leased slots (not copied: the leases last until this returns)."""
+        sealed = [(key, SealedBlock.seal(payload, namespace, key, expires_at, checksum=checksum, borrow=True))
                   for key, payload, checksum, expires_at in blocks]
         return self.lower.put_sealed(namespace, sealed, tiers=tiers)
 
     def _on_evict(self, evicted: list[EvictedSlot]) -> None:
-        # Called under the slab's lock before the slots are reused: copy the bytes now, write later.
-        self._write_downs.put([(e.namespace, e.key, bytes(self.slab.view(e.block.slot)), e.block.checksum,
-                                e.block.expires_at) for e in evicted])
+        # Under the slab's lock: the slots stay leased to the writer until their blocks are down.
+        self._write_downs.put(evicted)
 
     def _write_down_loop(self) -> None:
         while (batch := self._write_downs.get()) is not None:
-            by_namespace: dict[str, list] = {}
-            for namespace, key, payload, checksum, expires_at in batch:
-                by_namespace.setdefault(namespace, []).append((key, memoryview(payload), checksum, expires_at))
-            for namespace, blocks in by_namespace.items():
-                self._write_lower(namespace, blocks, self.lower_tier_names[:1])
+            try:
+                by_namespace: dict[str, list] = {}
+                for e in batch:
+                    by_namespace.setdefault(e.namespace, []).append(
+                        (e.key, self.slab.view(e.block.slot), e.block.checksum, e.block.expires_at))
+                for namespace, blocks in by_namespace.items():
+                    self._write_lower(namespace, blocks, self.lower_tier_names[:1])
+            except Exception:  # noqa: BLE001 - a failed write-down loses those blocks, never the writer
+                logger.exception("writing %d evicted block(s) down failed", len(batch))
+            finally:
+                self.slab.release([e.block.slot for e in batch])
 
     def verify_host(self, namespace: str, key: bytes, slot: int, checksum: int, expires_at: float | None) -> bool:
         """Check one slot on the host (for a block whose pages are only partly copied to the device)."""

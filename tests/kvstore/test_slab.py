@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 from kvstore.slab import Slab
@@ -108,3 +109,32 @@ def test_contains_and_acquire_each_answer_every_key_not_a_prefix():
     found = slab.acquire_each("ns", keys)
     assert [b is not None for b in found] == [True, False, True]
     assert len(slab.allocate(4)) == 2   # both hits are leased: only the two empty slots are given
+
+
+def test_held_evictions_free_their_slots_only_once_written_down():
+    evicted = []
+    slab, _ = make(4, on_evict=lambda blocks: evicted.extend(blocks), hold_evicted=True)
+    keys = [bytes([65 + i]) * 16 for i in range(4)]
+    put(slab, "ns", keys)
+    # Full: this call pushes out its own shortfall plus the headroom, and hands out nothing yet.
+    assert slab.allocate(1) == []
+    assert [e.key for e in evicted] == keys[:2]   # least recently used first
+    assert slab.contains("ns", keys) == [False, False, True, True]
+    # The writer reads the held slots in place, intact, while others allocate.
+    assert [bytes(slab.view(e.block.slot)) for e in evicted] == [keys[0] * 4, keys[1] * 4]
+    assert slab.allocate(1) == []
+    slab.release([evicted[0].block.slot])
+    assert slab.allocate(1) == [evicted[0].block.slot]
+
+
+def test_an_allocate_may_wait_for_a_write_down():
+    evicted = []
+    slab, _ = make(2, on_evict=lambda blocks: evicted.extend(blocks), hold_evicted=True)
+    put(slab, "ns", [b"a" * 16, b"b" * 16])
+    writer = threading.Timer(0.05, lambda: slab.release([e.block.slot for e in evicted]))
+    writer.start()
+    started = time.monotonic()
+    slots = slab.allocate(1, wait_s=5.0)
+    assert len(slots) == 1 and slots[0] in {e.block.slot for e in evicted}
+    assert 0.04 < time.monotonic() - started < 2.0
+    writer.join()
