@@ -14,6 +14,7 @@ import sys
 import time
 
 from engine.bench import common, hf_baseline, roofline
+from engine.server.args import json_object
 from engine.models.config import parse_dtype
 from engine.sampling.params import SamplingParams
 
@@ -25,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-prompts", type=int, default=8, help="short untimed run before the timed one")
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--hf-batches", type=int, default=1)
+    p.add_argument("--kv-transfer-config", type=json_object,
+                   help="offloading connector config, JSON (as tierkv serve takes it): the run's cost with a "
+                        "policy that saves every prompt, say")
     common.add_model_arguments(p)
 
 
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         "config": {"model": common.model_label(args), "device": str(device), "dtype": dtype,
                    "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
                    **limits, "async_scheduling": not args.no_async_scheduling,
-                   "enforce_eager": args.enforce_eager},
+                   "enforce_eager": args.enforce_eager, "kv_transfer_config": args.kv_transfer_config},
         "hardware": hw.to_dict(),
         "model_cost": cost.to_dict(),
         "engine": engine,
@@ -77,7 +81,8 @@ def _phase(text: str) -> None:
 def _run_engine(args: argparse.Namespace, path: str, random_weights: bool, dtype: str) -> dict:
     from engine.llm import LLM
 
-    llm = LLM(**common.engine_kwargs(args, path, random_weights, dtype, args.input_len + args.output_len))
+    llm = LLM(**common.engine_kwargs(args, path, random_weights, dtype, args.input_len + args.output_len),
+              kv_transfer_config=args.kv_transfer_config)
     core = llm.engine.core
     batch_limits = {"max_num_seqs": core.config.max_num_seqs,
                     "max_num_batched_tokens": core.config.max_num_batched_tokens}

@@ -62,6 +62,14 @@ class _Load:
     issued_s: float = 0.0
 
 
+@dataclass
+class _Release:
+    """Slots a finished load leased, given back by the load thread: to a daemon that is an RPC,
+    which must not hold up the engine thread."""
+
+    slots: list[int]
+
+
 def _truncate(jobs: list[SaveJob], blocks: int, pages_per_block: int) -> list[SaveJob]:
     """The first `blocks` blocks of `jobs`, in order."""
     kept = []
@@ -187,6 +195,9 @@ class SlabTransfer:
 
     def _load_loop(self) -> None:
         while (load := self._loads.get()) is not None:
+            if isinstance(load, _Release):
+                self.store.release(load.slots)
+                continue
             try:
                 self._fetch(load)
             except Exception:  # noqa: BLE001 - a failed load is recomputed
@@ -262,7 +273,8 @@ class SlabTransfer:
 
     def _finish(self, load: _Load) -> LoadResult | None:
         job = load.job
-        self.store.release([b.slot for b in load.blocks])
+        if load.blocks:
+            self._loads.put(_Release([b.slot for b in load.blocks]))
         if self._pending.pop(job.request_id, None) is None:
             return None   # cancelled
         ok = ([load.head_ok] if load.head_ok is not None else []) + (load.ok.tolist() if load.ok is not None else [])

@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import logging
 import random
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -80,6 +81,20 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+# A thread that wants the interpreter waits up to this long for the one holding it (Python's default
+# is 5 ms). The engine thread shares it with the offload transfer threads, the server's event loop
+# and gRPC: on an H100 the step during which a 16k-token load was being issued took 9-11 ms for 2.4 ms
+# of decode work, every 5 ms wait on a thread handing back the interpreter.
+SWITCH_INTERVAL_S = 0.0005
+
+
+def shorten_switch_interval() -> None:
+    """Let the engine thread take the interpreter back within `SWITCH_INTERVAL_S` (process-wide)."""
+    if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        logger.info("interpreter switch interval set to %.1f ms", SWITCH_INTERVAL_S * 1e3)
+
+
 def thaw_heap() -> None:
     """Undo `freeze_heap` and collect: an engine dropped without `close()` frees its memory here."""
     gc.unfreeze()
@@ -120,6 +135,7 @@ class EngineCore:
         self._hash_seed = self.namespace.digest()
         if self.device.type == "cuda":
             freeze_heap()
+            shorten_switch_interval()
 
     def _make_connector(self) -> OffloadingConnector | None:
         if self.config.kv_transfer_config is None:

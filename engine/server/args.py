@@ -75,7 +75,8 @@ _ENGINE_FLAGS = {
 }
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object given on the command line."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--seed", type=int, help="seed of the engine's RNG for unseeded requests")
     engine.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory to use")
     engine.add_argument("--kv-cache-dtype", help="KV-cache dtype (auto = the model dtype)")
-    engine.add_argument("--kv-transfer-config", type=_json_object, help="offloading connector config, JSON")
+    engine.add_argument("--kv-transfer-config", type=json_object, help="offloading connector config, JSON")
     engine.add_argument("--num-gpu-blocks-override", type=int, help="KV-cache blocks (skips sizing)")
     engine.add_argument("--kv-cache-memory-bytes", type=int, help="KV-cache size on CPU")
     engine.add_argument("--device", help="auto, cpu or cuda")
