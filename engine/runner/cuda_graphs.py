@@ -3,7 +3,8 @@
 A pure-decode step (one new token per request, every request sampling) replays the graph of the
 smallest captured size that holds it: its inputs are copied into the graph's static buffers, the
 padding rows write no KV (slot -1) and attend to one position of their (stale but valid) block-table
-row, and their hidden states are ignored. Prefill and mixed steps run eagerly. The graphs end at the
+row, and their hidden states are ignored. A one-sequence prefill of up to 512 tokens replays a graph
+of prefill_graphs.py; other prefill and mixed steps run eagerly. The graphs end at the
 final hidden states: each graph's output stays allocated for its replays, and [size, vocab] logits
 per graph would hold gigabytes at a max_num_seqs of 1024, so the logits (one matmul over the real
 rows only) run outside. Triton's launch overhead —
@@ -56,6 +57,7 @@ class DecodeGraphs:
         # In a decode step sequence b owns query row b: the offsets never change.
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None   # the graphs' memory pool, once captured
 
     def _attn(self, size: int, long: bool) -> AttentionMetadata:
         return AttentionMetadata(
@@ -65,8 +67,8 @@ class DecodeGraphs:
             num_splits=LONG_CONTEXT_SPLITS if long else 1)
 
     def capture(self) -> None:
-        """Capture every size, largest first, all sharing one memory pool."""
-        pool = torch.cuda.graph_pool_handle()
+        """Capture every size, largest first, all sharing one memory pool (`self.pool`)."""
+        pool = self.pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -23,6 +23,7 @@ from engine.models.dummy import load_dummy_model
 from engine.models.loader import load_model
 from engine.runner.batch_state import BatchState
 from engine.runner.cuda_graphs import DecodeGraphs, capture_sizes
+from engine.runner.prefill_graphs import PrefillGraphs, graph_output_bytes
 from engine.sampling.sampler import Sampler, SamplingBatch
 
 logger = logging.getLogger(__name__)
@@ -89,10 +90,14 @@ class ModelRunner:
                     self.block_size, self.num_blocks * self.block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
         self.graphs = None
+        self.prefill_graphs = None
         if device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self._forward, config.max_num_seqs,
                                        self.state.block_tables.shape[1], device)
             self.graphs.capture()
+            self.prefill_graphs = PrefillGraphs(self._forward, self.state.block_tables.shape[1], self.block_size,
+                                                device)
+            self.prefill_graphs.capture(self.graphs.pool)
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
@@ -159,7 +164,8 @@ class ModelRunner:
         sizes = capture_sizes(self.config.max_num_seqs)
         activations = max(peak - weights, 0) * sizes[-1] // num_tokens
         elem = torch.empty((), dtype=self.model_config.dtype).element_size()
-        outputs = sum(sizes) * self.model_config.hidden_size * elem
+        outputs = (sum(sizes) * self.model_config.hidden_size * elem
+                   + graph_output_bytes(self.model_config.hidden_size, elem))
         return activations + outputs + (256 << 20)
 
     @torch.inference_mode()
@@ -170,15 +176,21 @@ class ModelRunner:
         `banned` lists (sampling row, token ids) that row may not produce yet (EOS and stop tokens
         before `min_tokens`).
         """
-        size = None
+        size = prefill_size = None
         decode = out.num_batched_tokens == len(out.scheduled) and all(sr.sample for sr in out.scheduled)
         if self.graphs is not None and decode:
             size = self.graphs.padded_size(len(out.scheduled))
-        step = self.state.prepare(out, blocks_of, size)
+        elif self.prefill_graphs is not None and len(out.scheduled) == 1:
+            sr = out.scheduled[0]
+            prefill_size = self.prefill_graphs.padded_size(sr.num_tokens, sr.start + sr.num_tokens)
+        step = self.state.prepare(out, blocks_of, size or prefill_size)
         if size is not None:
             hidden = self.graphs.replay(step, size)
         else:
-            hidden = self.model(step.input_ids, step.positions, self.kv_cache, step.attn)
+            if prefill_size is not None:
+                hidden = self.prefill_graphs.replay(step, prefill_size)
+            else:
+                hidden = self.model(step.input_ids, step.positions, self.kv_cache, step.attn)
             if batch is None:
                 return StepHandle({}, None)
             hidden = hidden[step.logits_indices]
