@@ -48,11 +48,12 @@ def test_unmeasured_rates_load_everything():
 
 
 def test_a_slow_tier_is_recomputed_instead_of_loaded(tiny_model, cold, redis_url):
-    """Redis behind a link that delivers ~1 MB/s: the first hit loads (its rate is unknown), and
-    measures it; later requests do not even ask Redis (its lookup would only add latency) and
-    recompute, with the tokens of a cold run."""
+    """Redis behind a link that delivers ~0.4 MB/s (far below prefill, even on two busy cores: at
+    ~1 MB/s a loaded machine once prefilled slower than that): the first hit loads (its rate is
+    unknown), and measures it; later requests do not even ask Redis (its lookup would only add
+    latency) and recompute, with the tokens of a cold run."""
     host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
-    proxy = SlowProxy((host, int(port)), delay_s=0.015)
+    proxy = SlowProxy((host, int(port)), delay_s=0.04)
     try:
         # One connection: the proxy slows each connection alone, and the tier would spread a batch over several.
         tier = {"type": "redis", "url": f"redis://127.0.0.1:{proxy.port}/0", "key_prefix": "cost-model:",
