@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -34,10 +35,18 @@ def _load_config(path: str | None) -> StoreConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from kvstore.allocator import limit_malloc_arenas
+
+    limit_malloc_arenas()   # before gRPC starts its threads
     from kvstore.server import serve
 
     cfg = _load_config(args.config)
-    handle = serve(cfg, host=args.host, port=args.port, metrics_port=args.metrics_port)
+    handle = serve(cfg, host=args.host, port=args.port, metrics_port=args.metrics_port,
+                   health_port=args.health_port)
+    # What start-up allocated lives as long as the daemon: frozen, it is out of the collector's
+    # sight, and a full collection (which stalls every thread) walks only what calls allocated.
+    gc.collect()
+    gc.freeze()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -93,7 +102,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
         stalled_fraction=args.stalled_fraction, oversized_fraction=args.oversized_fraction,
         disconnecting_fraction=args.disconnecting_fraction, health_interval_s=args.health_interval_s,
         health_deadline_s=args.health_deadline_s, health_slow_ms=args.health_slow_ms, metrics_url=args.metrics_url,
-        daemon_pid=args.daemon_pid,
+        health_url=args.health_url, daemon_pid=args.daemon_pid, clients_nice=args.clients_nice,
         rss_allowance_bytes=None if args.rss_allowance is None else parse_bytes(args.rss_allowance))
     report = soak.run_soak(cfg)
     print(soak.format_table(report))
@@ -144,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (overrides the file's listen)")
     serve.add_argument("--port", type=int, help="listen port (overrides the file's listen; 0 = any free port)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (overrides metrics_port)")
+    serve.add_argument("--health-port", type=int,
+                       help="port of the server that answers only health checks (overrides health_port)")
     serve.add_argument("--grace", type=float, default=5.0, help="seconds running calls get to finish on SIGTERM")
     serve.set_defaults(run=cmd_serve)
 
@@ -184,7 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--health-deadline-s", type=float, default=1.0, help="deadline of one health check")
     soak.add_argument("--health-slow-ms", type=float, default=100.0, help="a health check slower than this fails")
     soak.add_argument("--metrics-url", help="with --url: the daemon's http://host:port/metrics (evictions)")
+    soak.add_argument("--health-url", help="with --url: grpc://host:port of the daemon's health_port (default: "
+                                           "--url)")
     soak.add_argument("--daemon-pid", type=int, help="with --url: the daemon's pid on this host (its RSS)")
+    soak.add_argument("--clients-nice", type=int, default=0,
+                      help="run the clients at this niceness (0-19), below the daemon and the health monitor, "
+                           "when they share the machine's cores")
     soak.add_argument("--rss-allowance", help="fail when the daemon's RSS passes 1.5 x --memory-bytes + this")
     soak.add_argument("--json", help="also write the report to this JSON file")
     soak.set_defaults(run=cmd_soak)

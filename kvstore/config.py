@@ -243,6 +243,9 @@ class StoreConfig(_Strict):
 
     listen: str = "127.0.0.1:50051"
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    # A port on the listen host where a server of its own answers health checks, never queued
+    # behind data calls (kvstore/health_server.py); None: health checks on `listen` only.
+    health_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     auth_token_env: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -4,9 +4,9 @@ Every violation is a `LimitError` whose message names the field and the limit; t
 into INVALID_ARGUMENT. Values are never echoed back whole (a key is shown as a short hex prefix).
 
 `request_bytes()` sizes each unary method's request from these limits: gRPC Python has one receive
-limit for the whole server (which Put's block chunks need large), so the daemon compares a request's
-serialized size with its method's limit before parsing it (kvstore/server.py); a Lookup of a million
-keys is turned away without building a million Python objects.
+limit for the whole server (`receive_bytes()`: a Put chunk, or the largest of these), so the daemon
+compares a request's serialized size with its method's limit before parsing it (kvstore/server.py);
+a Lookup of a million keys is turned away without building a million Python objects.
 
 The daemon's admission at its edge lives here too: `CallLimitsInterceptor` (calls running at once,
 unary request sizes, request bytes that do not parse) and `InflightBytes` (block bytes of Put
@@ -75,6 +75,14 @@ class Limits:
             "ReleaseSlots": envelope + self.max_keys_per_call * _SLOT_BYTES,
             "AllocateSlots": envelope, "Clear": envelope, "Stats": envelope, "AttachSlab": envelope,
         }
+
+    def receive_bytes(self, chunk_bytes: int) -> int:
+        """The largest message the daemon receives: a Put stream's message (a BlockStart or data
+        chunk of at most `chunk_bytes` of a block, and its framing) or the largest unary request.
+        gRPC holds each call's message whole before its handler runs, outside the in-flight cap,
+        so this bounds those bytes per call; one over it is refused by gRPC (RESOURCE_EXHAUSTED)."""
+        put_message = min(chunk_bytes, self.max_message_bytes) + _ENVELOPE_BYTES + self.max_key_bytes
+        return max(put_message, *self.request_bytes().values())
 
     def check_namespace(self, namespace: str) -> None:
         if not namespace:

@@ -11,7 +11,10 @@ needs, before any handler work; Put blocks are admitted against `max_inflight_pu
 they are received (`InflightBytes`); `IdleWatchdog` cancels streams whose peer went quiet, and ends
 those still running when a stop's grace period is over; keepalive pings drop dead connections.
 The thread pool holds HEALTH_THREADS more threads than KVStore calls may take, so the health service
-(Kubernetes probes) answers while the data calls are saturated.
+answers while the data calls are saturated; with `health_port` a server of its own answers health
+checks too (kvstore/health_server.py), never queued behind the data calls' messages: the port for
+Kubernetes probes. The server receives no message larger than a Put chunk or the largest unary
+request (`Limits.receive_bytes`), so gRPC's buffers of the calls it admits stay bounded.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from kvstore import metrics
 from kvstore.auth import TokenAuthInterceptor, token_from_env
 from kvstore.checksum import SealedBlock
 from kvstore.config import ConfigError, StoreConfig
+from kvstore.health_server import start_health_server
 from kvstore.limits import CallLimitsInterceptor, InflightBytes, LimitError, Limits
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
@@ -327,6 +331,8 @@ class ServerHandle:
     _idle: IdleWatchdog
     _owns_store: bool
     _metrics_http: object | None = None
+    _health_server: grpc.Server | None = None
+    health_port: int | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
     _monitor: threading.Thread | None = None
 
@@ -346,6 +352,8 @@ class ServerHandle:
         self.slab.end_all()
         self._idle.drain(time.monotonic() + grace_s)
         self._server.stop(grace_s + DRAIN_CUT_S).wait()
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
         if self._idle.drained:
             log.info("%d stream(s) still running after the %g s grace period ended UNAVAILABLE (shutting down)",
                      self._idle.drained, grace_s)
@@ -366,13 +374,15 @@ class ServerHandle:
 
 
 def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | None = None,
-          port: int | None = None, metrics_port: int | None = None, workers: int | None = None) -> ServerHandle:
-    """Start the daemon described by `cfg`; `host`/`port`/`metrics_port` override the config (port 0 = any),
-    `workers` its max_concurrent_rpcs."""
+          port: int | None = None, metrics_port: int | None = None, health_port: int | None = None,
+          workers: int | None = None) -> ServerHandle:
+    """Start the daemon described by `cfg`; `host`/`port`/`metrics_port`/`health_port` override the
+    config (port 0 = any), `workers` its max_concurrent_rpcs."""
     cfg_host, _, cfg_port = cfg.listen.rpartition(":")
     host = host or cfg_host.strip("[]") or "127.0.0.1"
     port = int(cfg_port) if port is None else port
     metrics_port = cfg.metrics_port if metrics_port is None else metrics_port
+    health_port = cfg.health_port if health_port is None else health_port
     token = token_from_env(cfg.auth_token_env)
     credentials = _tls_credentials(cfg) if cfg.tls_cert else None   # checked before anything starts
     owns_store = store is None
@@ -385,17 +395,18 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
     if token is not None:
         interceptors.append(TokenAuthInterceptor(token))
     interceptors.append(CallLimitsInterceptor(limits, max_calls, SERVICE_NAME))
-    # Single messages are chunks of at most CHUNK_BYTES; the margin lets a message up to the block
-    # limit reach our own validation, which answers INVALID_ARGUMENT with a message.
-    max_message = cfg.max_message_bytes + (64 << 10)
+    # A Get sends chunks of at most CHUNK_BYTES. gRPC holds each received message whole before the
+    # handler sees it, for every call admitted (no cap counts those bytes): at most one chunk.
+    max_send = cfg.max_message_bytes + (64 << 10)
+    max_receive = limits.receive_bytes(CHUNK_BYTES)
     # maximum_concurrent_rpcs equal to the pool: a call that finds no thread is refused, never queued.
     threads = max_calls + HEALTH_THREADS
     server = grpc.server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvstore-rpc"),
         interceptors=interceptors,
         maximum_concurrent_rpcs=threads,
-        options=[("grpc.max_receive_message_length", max_message),
-                 ("grpc.max_send_message_length", max_message),
+        options=[("grpc.max_receive_message_length", max_receive),
+                 ("grpc.max_send_message_length", max_send),
                  ("grpc.so_reuseport", 0),
                  ("grpc.keepalive_time_ms", int(cfg.keepalive_time_s * 1000)),
                  ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout_s * 1000)),
@@ -412,20 +423,28 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    address = _address(host, port)
     bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    if bound == 0:
+    health_server, bound_health = None, None
+    try:
+        if bound == 0:
+            raise OSError(f"kvstore: cannot listen on {address} (port in use or bad host)")
+        if health_port is not None:
+            health_server, bound_health = start_health_server(health_servicer, _address(host, health_port),
+                                                              credentials)
+    except OSError:
         idle.stop()
         slab.close()
         if owns_store:
             store.close()
-        raise OSError(f"kvstore: cannot listen on {address} (port in use or bad host)")
+        raise
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     handle = ServerHandle(port=bound, host=host, store=store, slab=slab, _server=server, _health=health_servicer,
-                          _idle=idle, _owns_store=owns_store)
+                          _idle=idle, _owns_store=owns_store, _health_server=health_server,
+                          health_port=bound_health)
     if metrics_port is not None:
         handle._metrics_http = metrics.start_metrics_server(metrics_port, host)
     handle._monitor = threading.Thread(target=_watch_tiers, args=(handle,), name="kvstore-health", daemon=True)
@@ -434,6 +453,10 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
     log.info("kvstore daemon listening on %s (%s, tiers %s, token %s)", f"{host}:{bound}",
              "TLS" if cfg.tls_cert else "plaintext", tier_names, "required" if token else "off")
     return handle
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _tls_credentials(cfg: StoreConfig) -> grpc.ServerCredentials:

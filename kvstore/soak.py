@@ -4,8 +4,10 @@ The daemon is started as its own process (`kvstore serve`, one memory tier of `m
 kvstore/soak_daemon.py) unless a URL is given. `clients` threads (kvstore/soak_clients.py) run for
 `duration_s`: good ones put, read back, compare and delete blocks; stalled ones open streams and go
 quiet; oversized ones send what is over the limits; disconnecting ones walk away mid-stream. A
-separate process (kvstore/soak_monitor.py) checks the daemon's health with `health_interval_s`
-between checks and samples its RSS.
+separate process (kvstore/soak_monitor.py) checks the daemon's health on its health port (the one
+Kubernetes probes; with a URL, `health_url`, by default the URL itself) with `health_interval_s`
+between checks and samples its RSS. `clients_nice` runs the clients below the daemon and the
+monitor, for a machine where they share its cores.
 
 The report says what was done and what went wrong; `failures()` lists what fails the run (exit 1):
 a wrong byte, an acknowledged block lost (missing while the memory tier evicted nothing since its
@@ -17,6 +19,7 @@ RSS over 1.5 x `memory_bytes` + that allowance.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -70,7 +73,9 @@ class SoakConfig:
     health_deadline_s: float = 1.0
     health_slow_ms: float = 100.0
     metrics_url: str | None = None
+    health_url: str | None = None
     daemon_pid: int | None = None
+    clients_nice: int = 0
     rss_allowance_bytes: int | None = None
 
     def validate(self) -> None:
@@ -86,6 +91,7 @@ class SoakConfig:
             (self.stream_idle_timeout_s > 0, "--stream-idle-timeout-s: expected a positive number of seconds"),
             (0 < self.health_interval_s and 0 < self.health_deadline_s and 0 < self.health_slow_ms,
              "--health-interval-s, --health-deadline-s, --health-slow-ms: expected positive numbers"),
+            (0 <= self.clients_nice <= 19, "--clients-nice: expected 0 to 19"),
         ]
         for fraction, option in ((self.stalled_fraction, "--stalled-fraction"),
                                  (self.oversized_fraction, "--oversized-fraction"),
@@ -94,8 +100,9 @@ class SoakConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if self.url:
-            Target.parse(self.url)
+        for url in (self.url, self.health_url):
+            if url:
+                Target.parse(url)
         plan = self.plan()
         if plan["good"] < 1:
             raise ValueError(f"--clients: {self.clients} clients leave no good client after the stalled, "
@@ -139,6 +146,7 @@ class SoakReport:
     statuses: dict[str, dict[str, int]]
     unexpected_statuses: dict[str, dict[str, int]]
     inflight_put_bytes_after: float | None
+    clients_nice: int = 0
     daemon_log_problems: list[str] = field(default_factory=list)
     daemon_exit_code: int | None = None
     failures: list[str] = field(default_factory=list)
@@ -178,6 +186,11 @@ def failures(report: SoakReport, cfg: SoakConfig) -> list[str]:
 
 def _run_clients(cfg: SoakConfig, setup: ClientSetup, monitor: HealthMonitor) -> float:
     """Run every client for cfg.duration_s (a progress bar meanwhile); the seconds they ran."""
+    # Threads inherit their creator's niceness: the clients' (and their channels' threads), not the
+    # daemon's or the monitor's, which were started before. On a machine they share, the clients'
+    # CPU is the harness's load, not the daemon's to win.
+    if cfg.clients_nice:
+        os.nice(cfg.clients_nice)
     threads = []
     index = 0
     for kind, count in cfg.plan().items():
@@ -226,11 +239,12 @@ def _report(cfg: SoakConfig, tally: Tally, ran_s: float, monitor: MonitorSummary
         health=health, rss=_rss_report(monitor, cfg), statuses=statuses,
         unexpected_statuses={kind: {code: n for code, n in codes.items() if code not in EXPECTED_STATUSES[kind]}
                              for kind, codes in statuses.items()},
-        inflight_put_bytes_after=wait_inflight_released(evictions.metrics_url) if evictions.metrics_url else None)
+        inflight_put_bytes_after=wait_inflight_released(evictions.metrics_url) if evictions.metrics_url else None,
+        clients_nice=cfg.clients_nice)
 
 
-def _soak(cfg: SoakConfig, url: str, metrics_url: str | None, pid: int | None) -> SoakReport:
-    monitor = HealthMonitor(Target.parse(url).address, pid, cfg.health_interval_s, cfg.health_deadline_s,
+def _soak(cfg: SoakConfig, url: str, health_url: str, metrics_url: str | None, pid: int | None) -> SoakReport:
+    monitor = HealthMonitor(Target.parse(health_url).address, pid, cfg.health_interval_s, cfg.health_deadline_s,
                             cfg.health_slow_ms)
     monitor.start()
     try:
@@ -251,14 +265,14 @@ def run_soak(cfg: SoakConfig) -> SoakReport:
     """Run the soak described by `cfg` (validated first) and return its report, `failures` filled in."""
     cfg.validate()
     if cfg.url:
-        report = _soak(cfg, cfg.url, cfg.metrics_url, cfg.daemon_pid)
+        report = _soak(cfg, cfg.url, cfg.health_url or cfg.url, cfg.metrics_url, cfg.daemon_pid)
     else:
         with tempfile.TemporaryDirectory(prefix="kvstore-soak-") as workdir:
             daemon = SpawnedDaemon(Path(workdir), {"tiers": [{"type": "memory", "bytes": cfg.memory_bytes}],
                                                    "max_message_bytes": cfg.max_message_bytes,
                                                    "stream_idle_timeout_s": cfg.stream_idle_timeout_s})
             with daemon:
-                report = _soak(cfg, daemon.url, daemon.metrics_url, daemon.pid)
+                report = _soak(cfg, daemon.url, daemon.health_url, daemon.metrics_url, daemon.pid)
             report.daemon_exit_code = daemon.exit_code
             report.daemon_log_problems = daemon.problems()
     report.failures = failures(report, cfg)
@@ -274,7 +288,8 @@ def format_table(report: SoakReport) -> str:
     health, rss = report.health, report.rss
     rows = [
         ("duration", f"{report.duration_s:g} s"),
-        ("clients", ", ".join(f"{kind} {n}" for kind, n in report.clients.items())),
+        ("clients", ", ".join(f"{kind} {n}" for kind, n in report.clients.items())
+                    + (f" (nice {report.clients_nice})" if report.clients_nice else "")),
         ("puts / gets", f"{report.puts:,} / {report.gets:,}"),
         ("bytes put / read back", f"{_mib(report.bytes_put)} / {_mib(report.bytes_got)}"),
         ("blocks verified", f"{report.blocks_verified:,}"),

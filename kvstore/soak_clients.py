@@ -323,7 +323,8 @@ class OversizedClient(_AbusiveClient):
                                      timeout=CALL_TIMEOUT_S))
 
     def _message_over_transport(self, stub: pb_grpc.KVStoreStub) -> None:
-        # One message past the daemon's receive limit (max_message_bytes + 64 KiB): gRPC's own check.
+        # One message past any receive limit of the daemon (a Put chunk and its framing, at most
+        # max_message_bytes + 64 KiB): gRPC's own check.
         size = self.setup.max_message_bytes + (64 << 10) + 1
         start = pb.BlockStart(key=soak_key(self.index, 1), size=size, data=bytes(size))
         self._ended(lambda: stub.Put(iter([_header(self.setup.namespace), pb.PutRequest(block=start)]),

@@ -1,10 +1,10 @@
 """The daemon under soak: `kvstore serve` started as its own process, and its metrics read back.
 
-`SpawnedDaemon` writes a config (one memory tier, the soak's limits, a metrics port), starts
-`python -m kvstore.cli serve --port 0`, and learns its gRPC port from the line it prints and its
-metrics port from its log (a file beside the config, kept for the report). `EvictionCounter` polls
-the memory tier's `kvstore_tier_evictions_total`, so a good client can tell a lost block from an
-evicted one.
+`SpawnedDaemon` writes a config (one memory tier, the soak's limits, a metrics port and a health
+port), starts `python -m kvstore.cli serve --port 0`, and learns its gRPC port from the line it
+prints and its metrics and health ports from its log (a file beside the config, kept for the
+report). `EvictionCounter` polls the memory tier's `kvstore_tier_evictions_total`, so a good client
+can tell a lost block from an evicted one.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 log = logging.getLogger(__name__)
 
 _METRICS_LINE = re.compile(r"metrics on http://[^:]+:(\d+)/metrics")
+_HEALTH_LINE = re.compile(r"health checks on \S+:(\d+)$", re.MULTILINE)
 # Log lines that mean the daemon hit something it did not handle.
 _PROBLEM = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b")
 EVICTION_POLL_S = 0.25
@@ -39,16 +40,17 @@ def scrape(metrics_url: str) -> dict[tuple[str, str | None], float]:
 
 class SpawnedDaemon:
     """`kvstore serve` in its own process, on loopback, with `config` (its tiers and limits; a
-    metrics port is added); a context manager. The soak and `tierkv bench offload --start-kvstore`
+    metrics port and a health port are added); a context manager. The soak and `tierkv bench offload --start-kvstore`
     start their daemons with it."""
 
     def __init__(self, workdir: Path, config: dict):
         self.workdir = workdir
-        self.config = {**config, "listen": "127.0.0.1:0", "metrics_port": 0}
+        self.config = {**config, "listen": "127.0.0.1:0", "metrics_port": 0, "health_port": 0}
         self.log_path = workdir / "daemon.log"
         self.process: subprocess.Popen | None = None
         self.url = ""
         self.metrics_url = ""
+        self.health_url = ""
         self.exit_code: int | None = None
 
     def __enter__(self) -> "SpawnedDaemon":
@@ -64,19 +66,21 @@ class SpawnedDaemon:
             self.__exit__()
             raise RuntimeError(f"kvstore serve did not start: {line.strip()} {self.log_path.read_text()[-2000:]}")
         self.url = f"grpc://127.0.0.1:{line.rsplit(':', 1)[1].strip()}"
-        self.metrics_url = f"http://127.0.0.1:{self._metrics_port()}/metrics"
-        log.info("daemon pid %d on %s, metrics %s, log %s", self.pid, self.url, self.metrics_url, self.log_path)
+        self.metrics_url = f"http://127.0.0.1:{self._logged_port(_METRICS_LINE, 'metrics')}/metrics"
+        self.health_url = f"grpc://127.0.0.1:{self._logged_port(_HEALTH_LINE, 'health')}"
+        log.info("daemon pid %d on %s, health checks on %s, metrics %s, log %s", self.pid, self.url,
+                 self.health_url, self.metrics_url, self.log_path)
         return self
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
-    def _metrics_port(self) -> int:
+    def _logged_port(self, line: re.Pattern, what: str) -> int:
         # Logged before the "serving on" line is printed, so it is in the file already.
-        match = _METRICS_LINE.search(self.log_path.read_text())
+        match = line.search(self.log_path.read_text())
         if match is None:
-            raise RuntimeError(f"kvstore serve did not log its metrics port; see {self.log_path}")
+            raise RuntimeError(f"kvstore serve did not log its {what} port; see {self.log_path}")
         return int(match.group(1))
 
     def problems(self) -> list[str]:

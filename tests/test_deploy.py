@@ -299,7 +299,7 @@ def test_compose_ports_match_the_configs():
     grpc_port, metrics_port = port_of(daemon["listen"]), daemon["metrics_port"]
     kv = json.loads((DEPLOY / "kv-transfer-config.daemon.json").read_text())["kv_connector_extra_config"]
     assert urlsplit(kv["kvstore_url"]).hostname == "kvstore" and port_of(kv["kvstore_url"]) == grpc_port
-    assert services["kvstore"]["healthcheck"]["test"][-1] == f"127.0.0.1:{grpc_port}"
+    assert services["kvstore"]["healthcheck"]["test"][-1] == f"127.0.0.1:{daemon['health_port']}"
     for name in ("engine-0", "engine-1"):
         assert services[name]["ports"][0].split(":")[-1] == str(serve["port"])
         assert f"127.0.0.1:{serve['port']}/health" in services[name]["healthcheck"]["test"][-1]
@@ -331,12 +331,13 @@ def test_k8s_ports_probes_and_secrets_agree():
     objs = k8s_objects()
     daemon_cfg = render_daemon_config(objs[("ConfigMap", "kvstore-config")]["data"]["kvstore.yaml"])
     grpc_port, metrics_port = port_of(daemon_cfg["listen"]), daemon_cfg["metrics_port"]
+    health_port = daemon_cfg["health_port"]
     ds = objs[("DaemonSet", "kvstore")]["spec"]["template"]
     ds_c = ds["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in ds_c["ports"]}
-    assert ports == {"grpc": grpc_port, "metrics": metrics_port}
+    assert ports == {"grpc": grpc_port, "health": health_port, "metrics": metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert ds_c[probe]["grpc"]["port"] == grpc_port
+        assert ds_c[probe]["grpc"]["port"] == health_port
     assert ds["spec"]["hostIPC"] is True
     assert ds["metadata"]["annotations"]["prometheus.io/port"] == str(metrics_port)
     svc = objs[("Service", "kvstore")]["spec"]
@@ -381,6 +382,10 @@ def test_dockerfiles_agree_with_the_code():
     assert "/health" in engine and "EXPOSE 8000" in engine
     kv = (DEPLOY / "Dockerfile.kvstore").read_text()
     assert "--no-deps" in kv and "torch" not in re.sub(r"#.*", "", kv)
+    daemon = render_daemon_config((DEPLOY / "kvstore.compose.yaml").read_text())
+    ports = (port_of(daemon["listen"]), daemon["health_port"], daemon["metrics_port"])
+    assert f"EXPOSE {' '.join(map(str, ports))}" in kv
+    assert f'"/usr/local/bin/kvstore-health", "127.0.0.1:{daemon["health_port"]}"]' in kv
     # the daemon image installs exactly pyproject's dependencies minus the engine-only ones
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     engine_only = {"torch", "transformers", "tokenizers", "safetensors", "gguf", "jinja2", "tqdm", "fastapi", "uvicorn"}
@@ -406,11 +411,12 @@ def _free_port() -> int:
 
 
 def test_entrypoint_starts_a_daemon_the_health_probe_sees(tmp_path, redis_url):
-    port = _free_port()
+    grpc_port, port = _free_port(), _free_port()
     config = tmp_path / "kvstore.yaml"
-    config.write_text('listen: "127.0.0.1:${KV_PORT}"\nauth_token_env: KVSTORE_TOKEN\n'
+    config.write_text('listen: "127.0.0.1:${KV_PORT}"\nhealth_port: ${HEALTH_PORT}\nauth_token_env: KVSTORE_TOKEN\n'
                       'tiers:\n  - {type: memory, bytes: 16MiB}\n  - {type: redis, url: "${REDIS_URL}"}\n')
-    env = {**os.environ, "KV_PORT": str(port), "REDIS_URL": redis_url, "KVSTORE_TOKEN": "s3cret-token"}
+    env = {**os.environ, "KV_PORT": str(grpc_port), "HEALTH_PORT": str(port), "REDIS_URL": redis_url,
+           "KVSTORE_TOKEN": "s3cret-token"}
     proc = subprocess.Popen([sys.executable, str(DEPLOY / "kvstore_entrypoint.py"), "--config", str(config)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -420,6 +426,7 @@ def test_entrypoint_starts_a_daemon_the_health_probe_sees(tmp_path, redis_url):
             assert time.monotonic() < deadline, "daemon did not become SERVING"
             time.sleep(0.2)
         assert kvstore_health.check(f"127.0.0.1:{port}", "tierkv.kvstore.v1.KVStore/tier/redis")
+        assert kvstore_health.check(f"127.0.0.1:{grpc_port}")   # the gRPC port answers too
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode()
         assert redis_url not in cmdline and "/dev/fd/" in cmdline  # the rendered config came by pipe
         probe = subprocess.run([sys.executable, str(DEPLOY / "kvstore_health.py"), f"127.0.0.1:{port}"])

@@ -176,8 +176,10 @@ ELSEWHERE = {
     'docs/kvstore-api.md: kvstore gen-proto': "tests/kvstore/test_proto_fresh.py::test_generated_code_matches_proto",
     'docs/kvstore-api.md: python -m grpc_tools.protoc -Ikvstore/proto=protos --python_out=. --grpc_python_out=. '
     '--pyi_out=. kvstore/proto/kvstore.proto': "tests/kvstore/test_proto_fresh.py::test_generated_code_matches_proto",
-    'docs/reliability.md: kvstore soak --duration-s 300 --json soak.json':
+    'docs/reliability.md: kvstore soak --duration-s 300 --clients-nice 10 --rss-allowance 140MiB --json soak.json':
         "tests/kvstore/test_soak.py::test_short_soak_keeps_every_invariant (a few seconds, not 300)",
+    'docs/kvstore-api.md: kvstore serve --health-port 50052':
+        "tests/kvstore/test_health_port.py::test_serve_health_port_flag_starts_the_health_server (a free port)",
     'docs/policies.md: """A user\'s own offloading policy, loaded by the tests as '
     '"tests.connector.user_policy:UserAllowList"."""':
         "tests/connector/test_offload_docs.py::test_worked_example_is_the_tested_policy_class (the block is "

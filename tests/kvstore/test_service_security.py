@@ -11,9 +11,10 @@ from fixtures_services import obj_tier
 from kvstore.checksum import SealedBlock
 from kvstore.cli import configure_logging, main
 from kvstore.client import KVStoreClient, KVStoreError, RetryPolicy
+from kvstore.limits import Limits
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.streaming import block_messages
+from kvstore.streaming import CHUNK_BYTES, block_messages
 from service_daemon import NS, daemon_and_client, key, payload, running_daemon
 
 TOKEN = "tok-RIGHT-5e1f0c"
@@ -106,6 +107,23 @@ def test_oversized_block_and_oversized_message():
         channel.close()
         assert client.put(NS, [(key(3), payload(3, 1 << 20))]) == 1
         assert client.get(NS, [key(3)]) == [payload(3, 1 << 20)]
+
+
+def test_a_put_message_over_one_chunk_is_refused_before_it_is_held_whole():
+    """gRPC holds a whole message before the handler sees it: the daemon receives no message larger
+    than a Put chunk (or its largest unary request), whatever max_message_bytes allows a block."""
+    limit = Limits().receive_bytes(CHUNK_BYTES)
+    assert limit == CHUNK_BYTES + 4096 + 64
+    with running_daemon() as (_, url), KVStoreClient(url, retry=ONCE) as client:
+        channel, stub = _raw_stub(url)
+        whole = pb.PutRequest(block=pb.BlockStart(key=key(1), size=2 << 20, data=payload(1, 2 << 20)))
+        code, details = _status(lambda: stub.Put(iter([pb.PutRequest(header=pb.PutHeader(namespace=NS)), whole]),
+                                                 timeout=10))
+        assert (code, details) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"SERVER: Received message larger than max ({whole.ByteSize()} vs. {limit})")
+        channel.close()
+        assert client.put(NS, [(key(1), payload(1, 2 << 20))]) == 1   # the same block in chunks
+        assert client.get(NS, [key(1)]) == [payload(1, 2 << 20)]
 
 
 def test_put_stream_protocol_violations_and_corruption_in_transit():

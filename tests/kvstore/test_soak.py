@@ -17,12 +17,14 @@ def test_short_soak_keeps_every_invariant(tmp_path):
     # its own, not for a CI box whose two cores other tests share.
     args = [sys.executable, "-m", "kvstore.cli", "--log-level", "WARNING", "soak", "--clients", "12",
             "--duration-s", "10", "--block-bytes", "256KiB", "--memory-bytes", "32MiB", "--max-message-bytes", "1MiB",
-            "--stream-idle-timeout-s", "1.5", "--health-slow-ms", "1000", "--json", str(report_path)]
+            "--stream-idle-timeout-s", "1.5", "--health-slow-ms", "1000", "--clients-nice", "5",
+            "--json", str(report_path)]
     run = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
     report = json.loads(report_path.read_text())
 
     assert report["clients"] == {"good": 9, "stalled": 1, "oversized": 1, "disconnecting": 1}
+    assert report["clients_nice"] == 5
     assert report["wrong_bytes"] == 0 and report["wrong_blocks"] == 0
     assert report["lost_blocks"] == 0
     assert report["evictions"] == 0 and report["misses_after_eviction"] == 0
@@ -37,7 +39,7 @@ def test_short_soak_keeps_every_invariant(tmp_path):
     # Put half-way through a block, an unread Get, each within the 10 s.
     assert statuses["stalled"].get("CANCELLED", 0) + statuses["stalled"].get("DEADLINE_EXCEEDED", 0) >= 3
     # Blocks over max_message_bytes and oversized unary requests: INVALID_ARGUMENT; one message over
-    # the transport limit: RESOURCE_EXHAUSTED.
+    # what the daemon receives: RESOURCE_EXHAUSTED.
     assert statuses["oversized"].get("INVALID_ARGUMENT", 0) > 0
     assert statuses["oversized"].get("RESOURCE_EXHAUSTED", 0) > 0
     assert statuses["disconnecting"].get("CANCELLED", 0) > 0
