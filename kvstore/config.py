@@ -15,12 +15,11 @@ from typing import Annotated, Any, Literal, Union
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, ValidationInfo,
+from pydantic import (BaseModel, ByteSize, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_BYTE_SIZE = TypeAdapter(ByteSize)
+_SIZE_EXPECTED = "expected a byte size such as 8GiB, 512MiB or an integer"
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
@@ -49,21 +48,21 @@ def check_expires_at(expires_at: float | None, now: float, field: str = "expires
 
 
 def parse_bytes(value: int | str) -> int:
-    """`8589934592`, `"8GiB"`, `"512 MiB"`, `"1.5GB"` -> a byte count."""
-    if isinstance(value, bool):
-        raise ValueError("expected a byte size such as 8GiB or an integer")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("expected a non-negative byte size")
-        return value
-    if isinstance(value, str):
-        match = _SIZE_RE.match(value)
-        if match and match.group(2).lower() in _UNITS:
-            size = float(match.group(1)) * _UNITS[match.group(2).lower()]
-            if size >= 2**63:   # also inf: a float() of over 308 digits
-                raise ValueError("expected a byte size below 8 EiB")
-            return int(size)
-    raise ValueError("expected a byte size such as 8GiB, 512MiB or an integer")
+    """`8589934592`, `"8GiB"`, `"512 MiB"`, `"1.5GB"` -> a byte count (pydantic's `ByteSize`: binary
+    and decimal units, in any case)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(_SIZE_EXPECTED)
+    if isinstance(value, int) and value < 0:
+        raise ValueError("expected a non-negative byte size")
+    try:
+        size = _BYTE_SIZE.validate_python(value)
+    except ValidationError:
+        raise ValueError(_SIZE_EXPECTED) from None
+    except OverflowError:   # a number of over 308 digits is an infinite float to pydantic
+        size = 2**63
+    if size >= 2**63:
+        raise ValueError("expected a byte size below 8 EiB")
+    return int(size)
 
 
 class _Strict(BaseModel):
