@@ -253,6 +253,8 @@ NOT_RUN = {
     "docs/performance.md: tierkv bench throughput --arch qwen3-0.6b --num-prompts 1000 --input-len 512 "
     "--output-len 128 --no-baseline --kv-transfer-config '{\"kv_connector\":\"OffloadingConnector\","
     "\"kv_role\":\"kv_both\",\"kv_connector_extra_config\":{\"cpu_bytes_to_use\":8589934592}}'": GPU,
+    "docs/performance.md: tierkv bench offload --arch qwen3-0.6b --prompt-lens 8192 --cpu-bytes 6GiB --repeats 3 "
+    "--start-kvstore --peer-engine --gpu-memory-utilization 0.45 --no-load-in-flight": GPU,
     "docs/performance.md: tierkv serve": BENCH_SERVE,
     "docs/performance.md: tierkv bench serve --num-prompts 64 --num-prefixes 4 --prefix-len 512 --input-len 64 "
     "--output-len 32 --turns 2 --request-rate 0.5 --plot docs/img/bench_serve_cpu.png --result-json serve-cpu.json":

@@ -142,6 +142,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start-kvstore", action="store_true",
                    help="start a kvstore daemon on this host for the run (memory tier: a --cpu-bytes slab whose "
                         "slots hold one block) and measure it, as --kvstore-url would")
+    p.add_argument("--peer-engine", action="store_true",
+                   help="with a daemon: also serve each prompt, saved by this engine, as a hit in a second engine "
+                        "process on this host (on CUDA both must fit: --gpu-memory-utilization 0.45 at most)")
     p.add_argument("--max-pending-saves", type=int, default=None,
                    help="staged save blocks (default: enough for the longest prompt and the decodes)")
     p.add_argument("--redis-url", help="measure a Redis tier at this URL")
@@ -182,6 +185,12 @@ def _check_args(args: argparse.Namespace, device: torch.device, raw_config: dict
     for name in ("repeats", "decode_requests", "decode_prompt_len", "offload_block_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"tierkv bench offload: --{name.replace('_', '-')} must be at least 1")
+    if args.peer_engine and not (args.kvstore_url or args.start_kvstore):
+        raise SystemExit("tierkv bench offload: --peer-engine shares a daemon's slab: give --start-kvstore or "
+                         "--kvstore-url")
+    if args.peer_engine and device.type == "cuda" and (args.gpu_memory_utilization or 0.9) > 0.45:
+        raise SystemExit("tierkv bench offload: --peer-engine runs two engines on the GPU: give "
+                         "--gpu-memory-utilization 0.45 or less")
     if args.decode_tokens < 2:
         raise SystemExit("tierkv bench offload: --decode-tokens must be at least 2 (one gap)")
     short = [n for n in args.prompt_lens if n <= args.offload_block_size]
@@ -216,7 +225,11 @@ def run(args: argparse.Namespace) -> int:
         _check_args(args, device, raw_config)
         args.kvstore_url = _kvstore_url(args, stack, path, dtype)
         tiers = [] if args.kvstore_url else _secondary_tiers(args, stack)
-        llm = _engine(args, path, random_weights, dtype, tiers)
+        from engine.llm import LLM
+
+        llm_kwargs = _engine_kwargs(args, path, random_weights, dtype, tiers)
+        _phase(f"engine: {common.model_label(args)}, {dtype}, max_model_len {_max_model_len(args)}")
+        llm = LLM(**llm_kwargs)
         stack.callback(common.close_engine, llm)
         if not args.kvstore_url:
             _check_memory_tier(llm, args)
@@ -225,6 +238,10 @@ def run(args: argparse.Namespace) -> int:
         args.tier_configs = {t["type"]: t for t in tiers}
         _warm_up(llm, args, names, rng)
         rows = _tier_rows(llm, args, names, rng)
+        if args.peer_engine:
+            from engine.bench.offload_peer import peer_rows
+
+            rows += peer_rows(llm, args, llm_kwargs, rng)
         decode = _decode_itl(llm, args, rng)
         in_flight = None if args.no_load_in_flight else _load_in_flight(llm, args, rng)
     result = {"config": _config(args, device, dtype, names), "ttft": rows, "decode": [asdict(r) for r in decode],
@@ -255,9 +272,9 @@ def _max_pending_saves(args: argparse.Namespace) -> int:
     return max(max(args.prompt_lens) // args.offload_block_size + 1, args.decode_requests)
 
 
-def _engine(args: argparse.Namespace, path: str, random_weights: bool, dtype: str, secondary_tiers: list[dict]):
-    from engine.llm import LLM
-
+def _engine_kwargs(args: argparse.Namespace, path: str, random_weights: bool, dtype: str,
+                   secondary_tiers: list[dict]) -> dict:
+    """`LLM(**kwargs)` of the measured engine (and of the peer engine: plain JSON)."""
     store = ({"kvstore_url": args.kvstore_url} if args.kvstore_url
              else {"cpu_bytes_to_use": args.cpu_bytes, "secondary_tiers": secondary_tiers})
     cfg = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
@@ -265,9 +282,7 @@ def _engine(args: argparse.Namespace, path: str, random_weights: bool, dtype: st
                "block_size": args.offload_block_size, **store, "max_pending_saves": _max_pending_saves(args),
                "load_cost_model": args.load_cost_model,
                "policy": {"class": "engine.bench.offload:TiersFromMetadata"}}}
-    _phase(f"engine: {common.model_label(args)}, {dtype}, max_model_len {_max_model_len(args)}")
-    return LLM(**common.engine_kwargs(args, path, random_weights, dtype, _max_model_len(args)),
-               kv_transfer_config=cfg)
+    return common.engine_kwargs(args, path, random_weights, dtype, _max_model_len(args)) | {"kv_transfer_config": cfg}
 
 
 def _block_bytes(llm, args: argparse.Namespace) -> int:

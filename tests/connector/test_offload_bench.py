@@ -63,3 +63,24 @@ def test_bench_offload_refuses_a_prompt_past_the_model(capsys):
     # Llama-3-8B has 8192 positions: an 8192-token prompt leaves no room for its token (no engine starts).
     with pytest.raises(SystemExit, match="the longest prompt is 8191"):
         offload.run(_args("--arch", "llama-3-8b", "--prompt-len", "4096,8192", "--device", "cpu"))
+
+
+def test_bench_offload_peer_engine_loads_what_this_engine_saved(tmp_path, capsys):
+    out = tmp_path / "offload.json"
+    args = _args("--arch", "tiny-llama", "--prompt-lens", "600", "--repeats", "2", "--start-kvstore", "--peer-engine",
+                 "--cpu-bytes", "64MiB", "--no-load-in-flight", "--decode-requests", "2", "--decode-tokens", "4",
+                 "--json", str(out))
+    assert offload.run(args) == 0
+    assert "memory (peer)" in capsys.readouterr().out
+    own, peer = json.loads(out.read_text())["ttft"]
+    assert (own["tier"], peer["tier"]) == ("memory", "memory (peer)")
+    # The second engine found both whole blocks of each prompt in the daemon's slab and loaded them.
+    assert [(run["hit_tokens"], run["loaded_tokens"]) for run in peer["runs"]] == [(512, 512)] * 2
+    for run in peer["runs"]:
+        assert run["saved_bytes"] == run["loaded_bytes"] > 0 and run["load_gb_per_s"] > 0
+        assert run["cold_ttft_s"] > 0 and run["hit_ttft_s"] > 0
+
+
+def test_bench_offload_peer_engine_needs_a_daemon():
+    with pytest.raises(SystemExit, match="--peer-engine shares a daemon's slab"):
+        offload.run(_args("--arch", "tiny-llama", "--prompt-lens", "600", "--peer-engine", "--device", "cpu"))
