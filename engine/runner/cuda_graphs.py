@@ -34,6 +34,24 @@ LONG_CONTEXT_TOKENS = 4096
 LONG_CONTEXT_SPLITS = 8
 
 
+def capture_graphs(forward: Callable[..., torch.Tensor], inputs: dict, pool) -> dict:
+    """key -> (graph, its output) of `forward(*args)` for every (key, args) of `inputs`, in order,
+    into `pool`; each is run once outside its capture first (Triton compiles its kernels then)."""
+    graphs = {}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for key, args in inputs.items():
+            forward(*args)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                hidden = forward(*args)
+            graphs[key] = (graph, hidden)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graphs
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, then every 16 up to max_num_seqs (and max_num_seqs itself)."""
     sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs]
@@ -68,20 +86,10 @@ class DecodeGraphs:
 
     def capture(self) -> None:
         """Capture every size, largest first, all sharing one memory pool (`self.pool`)."""
-        pool = self.pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for size in reversed(self.sizes):
-                for long in (False, True):
-                    args = (self.input_ids[:size], self.positions[:size], self._attn(size, long))
-                    self.forward(*args)  # compiles the kernels outside the capture
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        hidden = self.forward(*args)
-                    self._graphs[(size, long)] = (graph, hidden)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        self.pool = torch.cuda.graph_pool_handle()
+        inputs = {(size, long): (self.input_ids[:size], self.positions[:size], self._attn(size, long))
+                  for size in reversed(self.sizes) for long in (False, True)}
+        self._graphs = capture_graphs(self.forward, inputs, self.pool)
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
     def padded_size(self, num_reqs: int) -> int | None:

@@ -24,7 +24,7 @@ import torch
 
 from engine.models.attention import AttentionMetadata
 from engine.runner.batch_state import PreparedStep
-from engine.runner.cuda_graphs import LONG_CONTEXT_TOKENS
+from engine.runner.cuda_graphs import LONG_CONTEXT_TOKENS, capture_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +58,8 @@ class PrefillGraphs:
 
     def capture(self, pool) -> None:
         """Capture every size in `pool` (the decode graphs': never replayed at the same time)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for size in reversed(self.sizes):
-                for long in (False, True):
-                    args = self.inputs(size, long)
-                    self.forward(*args)  # compiles the kernels outside the capture
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        hidden = self.forward(*args)
-                    self._graphs[(size, long)] = (graph, hidden)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        inputs = {(size, long): self.inputs(size, long) for size in reversed(self.sizes) for long in (False, True)}
+        self._graphs = capture_graphs(self.forward, inputs, pool)
         logger.info("captured CUDA graphs for one-sequence prefills of %s tokens", list(self.sizes))
 
     def padded_size(self, num_tokens: int, seq_len: int) -> int | None:
