@@ -11,13 +11,15 @@ What is left is this process's GIL and its share of the CPU, which every thread 
 
 The health port serves `Check` only: a `Watch` stream would hold one of its few threads for as long
 as the client keeps it open, so a handful of them could keep the probes out (UNIMPLEMENTED there;
-the data port serves both). Statuses come from the daemon's one `HealthServicer`, so both ports
-always answer the same.
+the data port serves both, at most `HEALTH_THREADS // 2` Watch streams at once, so its Checks
+always have threads). Statuses come from the daemon's one `HealthServicer`, so both ports always
+answer the same.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -31,6 +33,25 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 THREADS = 4
 # A HealthCheckRequest is a service name: requests are refused far below the data port's limits.
 MAX_REQUEST_BYTES = 4096
+
+
+class HealthServicer(health.HealthServicer):
+    """grpc's health servicer with at most `max_watches` Watch streams at once (RESOURCE_EXHAUSTED
+    beyond): gRPC Python's sync server holds a thread for each open Watch, and the data port's
+    threads beyond its KVStore calls are what its Checks are answered on."""
+
+    def __init__(self, max_watches: int) -> None:
+        super().__init__(experimental_non_blocking=True)
+        self.max_watches = max_watches
+        self._watch_slots = threading.BoundedSemaphore(max_watches)
+
+    def Watch(self, request, context, send_response_callback=None):
+        if not self._watch_slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"at most {self.max_watches} health Watch streams at once; poll with Check")
+        if not context.add_callback(self._watch_slots.release):
+            self._watch_slots.release()   # the call had already ended
+        return super().Watch(request, context, send_response_callback)
 
 
 def start_health_server(servicer: health.HealthServicer, address: str,

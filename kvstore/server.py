@@ -34,7 +34,7 @@ from kvstore import metrics
 from kvstore.auth import TokenAuthInterceptor, token_from_env
 from kvstore.checksum import SealedBlock
 from kvstore.config import ConfigError, StoreConfig
-from kvstore.health_server import start_health_server
+from kvstore.health_server import HealthServicer, start_health_server
 from kvstore.limits import CallLimitsInterceptor, InflightBytes, LimitError, Limits
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto import kvstore_pb2_grpc as pb_grpc
@@ -420,7 +420,7 @@ def serve(cfg: StoreConfig, *, store: TieredStore | None = None, host: str | Non
     inflight = InflightBytes(cfg.inflight_put_bytes, metrics.INFLIGHT_PUT_BYTES)
     pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, limits, tier_names, slab, idle, inflight,
                                                           cfg.inflight_put_wait_s), server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = HealthServicer(max_watches=HEALTH_THREADS // 2)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 
     address = _address(host, port)

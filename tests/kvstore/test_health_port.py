@@ -1,6 +1,7 @@
 """`health_port`: a server of its own answers health checks, so a probe never waits behind the data
-port's calls: it answers SERVING at once while every thread of the data port is taken, says what
-the data port says, serves Check only, and its port comes from `kvstore serve --health-port`."""
+port's calls; the data port bounds its Watch streams (each holds one of its threads), so its Checks
+always have threads. Both answer SERVING at once with every Watch slot taken; the health port says
+what the data port says, serves Check only, and its port comes from `kvstore serve --health-port`."""
 
 import contextlib
 import re
@@ -40,41 +41,49 @@ def _check(address: str, service: str = "", timeout_s: float = 5.0) -> int:
         return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s).status
 
 
-def _refused_within(address: str, timeout_s: float) -> grpc.StatusCode | None:
-    """The status of the first health check of `address` that fails within `timeout_s` (the Put
-    streams may reach their handlers after the Watch streams answered)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            _check(address, timeout_s=1.0)
-        except grpc.RpcError as error:
-            return error.code()
-        time.sleep(0.05)
-    return None
-
-
 def _stalled_put(release: threading.Event):
     yield pb.PutRequest(header=pb.PutHeader(namespace=NS))
     release.wait()
 
 
-def test_health_port_answers_at_once_while_every_data_thread_is_taken():
+def _watch_answers(channel: grpc.Channel, timeout_s: float) -> bool:
+    """Whether a new Watch stream gets its first status within `timeout_s` (a slot may free late)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=1)
+        try:
+            return next(watch).status == SERVING
+        except grpc.RpcError:
+            time.sleep(0.05)
+        finally:
+            watch.cancel()
+    return False
+
+
+def test_watch_streams_are_bounded_and_both_ports_answer_checks_at_once():
     with _daemon() as handle:
         data, health_address = f"127.0.0.1:{handle.port}", f"127.0.0.1:{handle.health_port}"
         channel = grpc.insecure_channel(data)
         release = threading.Event()
-        # Every thread of the data port: Put streams up to the limit, then Watch streams (which the
-        # KVStore limits do not count) for the rest.
         calls = [pb_grpc.KVStoreStub(channel).Put.future(_stalled_put(release)) for _ in range(WORKERS // 2)]
         watches = [health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
-                   for _ in range(WORKERS // 2 + HEALTH_THREADS)]
+                   for _ in range(HEALTH_THREADS // 2)]
         try:
             for watch in watches:
                 assert next(watch).status == SERVING
-            assert _refused_within(data, 5.0) == grpc.StatusCode.RESOURCE_EXHAUSTED
-            started = time.monotonic()
-            assert _check(health_address, timeout_s=1.0) == SERVING
-            assert time.monotonic() - started < 1.0
+            # Each open Watch holds a thread of the data port: one more is refused, not queued.
+            one_more = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+            with pytest.raises(grpc.RpcError) as refused:
+                next(one_more)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.details() == f"at most {HEALTH_THREADS // 2} health Watch streams at once; poll with Check"
+            for address in (data, health_address):
+                started = time.monotonic()
+                assert _check(address, timeout_s=1.0) == SERVING
+                assert time.monotonic() - started < 1.0
+            # A slot comes back when its stream ends.
+            watches.pop().cancel()
+            assert _watch_answers(channel, timeout_s=5.0)
         finally:
             release.set()
             for call in [*calls, *watches]:
