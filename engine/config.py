@@ -27,6 +27,7 @@ class EngineConfig:
     max_model_len: int | None = None
     max_num_seqs: int | None = None  # None: `batch_defaults` for the device and usage_context
     max_num_batched_tokens: int | None = None
+    long_prefill_token_threshold: int = 0  # > 0: most tokens a prefill computes per step (vLLM's); 0: off
     block_size: int = 16
     num_gpu_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
@@ -53,6 +54,9 @@ class EngineConfig:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                      "num_gpu_blocks", "kv_cache_memory_bytes", "max_waiting_requests"):
             positive(name)
+        threshold = self.long_prefill_token_threshold
+        if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be an integer >= 0 (0 = off), got {threshold!r}")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.dtype not in _DTYPES:

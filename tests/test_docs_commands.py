@@ -237,6 +237,10 @@ NOT_RUN = {
     "--output-len 128 --json tp-llama8b.json": GPU,
     "docs/performance.md: tierkv bench latency --arch qwen3-0.6b --batch-sizes 1,64,256 --input-len 512 "
     "--output-len 64 --gpu-busy --compare-async --busy-trace-dir traces --json lat-qwen3.json": GPU,
+    "docs/performance.md: tierkv bench latency --arch qwen3-0.6b --batch-sizes 1,64 --input-len 4096 "
+    "--output-len 64 --json lat-4k.json": GPU,
+    "docs/performance.md: tierkv bench latency --arch qwen3-0.6b --batch-sizes 1,64 --input-len 4096 "
+    "--output-len 64 --long-prefill-token-threshold 512 --json lat-4k-lpt512.json": GPU,
     "docs/performance.md: tierkv bench offload --arch llama-3-8b --prompt-lens 8191 --cpu-bytes 8GiB --repeats 3 "
     "--trace-dir traces": GPU,
     "docs/performance.md: tierkv bench offload --arch qwen3-0.6b --prompt-lens 8192 --cpu-bytes 6GiB --repeats 3 "

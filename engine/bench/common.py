@@ -52,6 +52,8 @@ def add_model_arguments(p: argparse.ArgumentParser, default_model: str = "qwen3-
     p.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's for this device")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's for this device")
+    p.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                   help="most tokens a prefill computes per step (default: the engine's, 0 = off)")
     p.add_argument("--block-size", type=int, default=None, help="default: the engine's")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="default: the engine's")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
@@ -116,7 +118,8 @@ def engine_kwargs(args: argparse.Namespace, path: str, random_weights: bool, dty
                   enforce_eager=args.enforce_eager if enforce_eager is None else enforce_eager)
     if random_weights:
         kwargs["load_format"] = "dummy"
-    for flag in ("max_num_seqs", "max_num_batched_tokens", "block_size", "gpu_memory_utilization"):
+    for flag in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold", "block_size",
+                 "gpu_memory_utilization"):
         if getattr(args, flag) is not None:
             kwargs[flag] = getattr(args, flag)
     return kwargs

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         first_modes = {"async_scheduling": True, "enforce_eager": False} if args.compare_async else {}
         llm = LLM(**common.engine_kwargs(args, path, random_weights, dtype, max_model_len, **first_modes))
         max_num_seqs = llm.engine.config.max_num_seqs
+        long_prefill_token_threshold = llm.engine.config.long_prefill_token_threshold
         _batch_sizes(args.batch_sizes, max_num_seqs)
         cost = roofline.model_cost(llm.engine.core.runner.model, llm.engine.model_config)
         _warm_up(llm, args)
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "config": {"model": common.model_label(args), "device": str(device), "dtype": dtype,
                    "input_len": args.input_len, "output_len": args.output_len, "batch_sizes": sizes,
-                   "max_num_seqs": max_num_seqs, "mode": "async+graphs" if args.compare_async
+                   "max_num_seqs": max_num_seqs, "long_prefill_token_threshold": long_prefill_token_threshold,
+                   "mode": "async+graphs" if args.compare_async
                    else _mode_label(args)},
         "hardware": hw.to_dict(),
         "model_cost": cost.to_dict(),

@@ -125,6 +125,7 @@ class EngineCore:
         self.connector = self._make_connector()
         self.scheduler = Scheduler(
             self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            long_prefill_token_threshold=config.long_prefill_token_threshold,
             max_model_len=self.max_model_len, eos_token_ids=self.model_config.eos_token_ids,
             connector=self.connector)
         self._rng = random.Random(config.seed)

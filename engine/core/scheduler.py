@@ -2,6 +2,9 @@
 
 Every step: running requests first (a decode is one token, an unfinished prefill gets the next
 chunk), then waiting requests in arrival order while budget, sequence slots and KV blocks last.
+With `long_prefill_token_threshold` > 0 (vLLM's knob) no prefill computes more than that many
+tokens in one step, so a long prompt arriving beside running decodes is spread over several
+smaller steps instead of one step that delays every decode's next token.
 When a running request cannot get a block, the most recently admitted request is preempted: its
 blocks are freed and it goes back to the front of the queue to be recomputed later (its output so
 far is kept, so it resumes where it stopped).
@@ -56,12 +59,13 @@ class Scheduler:
 
     def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, eos_token_ids: Iterable[int],
-                 connector: OffloadingConnector | None = None) -> None:
+                 connector: OffloadingConnector | None = None, long_prefill_token_threshold: int = 0) -> None:
         self.kv = kv
         self.connector = connector
         self.loading: dict[str, Request] = {}
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Request] = deque()
@@ -111,6 +115,9 @@ class Scheduler:
         if self.connector is not None:
             self._admit_loaded()
         budget = self.max_num_batched_tokens
+        # A request's tokens this step: never over the budget left, nor over the threshold when one is
+        # set (a decode's single token never reaches it). Off, the whole budget caps, as before.
+        cap = self.long_prefill_token_threshold or budget
         max_model_len = self.max_model_len
         allocate = self.kv.allocate_slots
         running = self.running
@@ -123,7 +130,7 @@ class Scheduler:
                             or planned >= max_model_len):
                 i += 1  # every token it may produce is sampled already and only waits to be read
                 continue
-            n = min(planned - request.num_computed_tokens, budget)
+            n = min(planned - request.num_computed_tokens, budget, cap)
             if not allocate(request, n) and not self._allocate_or_preempt(request, n, out):
                 break
             self._add(out, request, n)
@@ -146,7 +153,7 @@ class Scheduler:
                 self.loading[request.request_id] = request
                 self.connector.start_load(request, self.kv.block_ids(request.request_id), num_hit, to_load)
                 continue
-            n = min(request.num_tokens - num_hit, budget)
+            n = min(request.num_tokens - num_hit, budget, cap)
             if not self.kv.allocate_slots(request, n, hits):
                 break
             self._admitted(request, num_hit)

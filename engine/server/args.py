@@ -60,6 +60,7 @@ _ENGINE_FLAGS = {
     "max_model_len": "max_model_len",
     "max_num_seqs": "max_num_seqs",
     "max_num_batched_tokens": "max_num_batched_tokens",
+    "long_prefill_token_threshold": "long_prefill_token_threshold",
     "block_size": "block_size",
     "dtype": "dtype",
     "seed": "seed",
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
     engine.add_argument("--max-num-seqs", type=int, help="most sequences in one step")
     engine.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")
+    engine.add_argument("--long-prefill-token-threshold", type=int,
+                        help="most tokens a prefill computes in one step, so running decodes are not "
+                             "stalled by a long prompt (default 0: off)")
     engine.add_argument("--block-size", type=int, help="tokens per KV-cache block")
     engine.add_argument("--dtype", help="auto, bfloat16, float16 or float32")
     engine.add_argument("--seed", type=int, help="seed of the engine's RNG for unseeded requests")

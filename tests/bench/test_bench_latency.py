@@ -127,3 +127,15 @@ def test_only_the_steps_after_the_warm_up_are_recorded():
              if e.get("name") == STEP_MARK and e.get("ph") == "X" and e.get("cat") != "gpu_user_annotation"]
     assert calls == list(range(7))
     assert len(marks) == 4
+
+
+@pytest.mark.slow
+def test_long_prefill_token_threshold_reaches_the_measured_engine(tmp_path):
+    path = tmp_path / "latency.json"
+    rc = main(["bench", "latency", "--arch", "tiny-llama", "--device", "cpu", "--batch-sizes", "1,3",
+               "--input-len", "40", "--output-len", "4", "--long-prefill-token-threshold", "16", "--no-baseline",
+               "--bandwidth-bytes", str(1 << 22), "--matmul-size", "128", "--json", str(path)])
+    assert rc == 0
+    report = json.loads(path.read_text())
+    assert report["config"]["long_prefill_token_threshold"] == 16
+    assert [b["output_tokens"] for b in report["batches"]] == [4, 12]

@@ -32,6 +32,14 @@ def test_flags_reach_the_engine_config():
     assert (config.api_key, config.max_waiting_requests, config.shutdown_timeout) == ("k", 3, 2.5)
 
 
+def test_long_prefill_token_threshold_as_a_flag_and_a_config_key(tmp_path):
+    assert parse_serve_args([]).engine.long_prefill_token_threshold == 0
+    assert parse_serve_args(["--long-prefill-token-threshold", "512"]).engine.long_prefill_token_threshold == 512
+    path = tmp_path / "serve.yaml"
+    path.write_text("long_prefill_token_threshold: 256\n")
+    assert parse_serve_args(["--config", str(path)]).engine.long_prefill_token_threshold == 256
+
+
 @pytest.mark.parametrize("suffix", ["yaml", "json"])
 def test_config_file_sets_options_and_flags_override_it(tmp_path, suffix):
     values = {"model": "/models/from-file", "port": 9001, "max_num_seqs": 4, "max-model-len": 256,
@@ -74,6 +82,8 @@ def test_malformed_kv_transfer_config_is_a_clear_error(text, message):
     (["--port", "70000"], r"port must be in \[0, 65535\], got 70000"),
     (["--max-num-seqs", "0"], r"max_num_seqs must be a positive integer, got 0"),
     (["--block-size", "24"], r"block_size must be a power of two, got 24"),
+    (["--long-prefill-token-threshold", "-1"],
+     r"long_prefill_token_threshold must be an integer >= 0 \(0 = off\), got -1"),
     (["--shutdown-timeout", "-1"], r"shutdown-timeout must be >= 0 seconds, got -1.0"),
     (["--no-such-flag"], r"unrecognized arguments: --no-such-flag"),
 ])

@@ -48,9 +48,10 @@ class FakeConnector:
 
 
 def create_scheduler(num_blocks: int = 64, budget: int = 256, max_seqs: int = 8,
-                     connector: FakeConnector | None = None) -> Scheduler:
+                     connector: FakeConnector | None = None, long_prefill_token_threshold: int = 0) -> Scheduler:
     return Scheduler(KVCacheManager(num_blocks, PAGE), max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-                     max_model_len=2048, eos_token_ids=[EOS], connector=connector)
+                     max_model_len=2048, eos_token_ids=[EOS], connector=connector,
+                     long_prefill_token_threshold=long_prefill_token_threshold)
 
 
 def create_request(request_id: str, num_tokens: int, max_tokens: int = 4) -> Request:
@@ -76,6 +77,39 @@ def test_prefills_are_chunked_under_the_token_budget():
     assert plan(scheduler) == [("a", 256, 44), ("b", 0, 212)]
     assert plan(scheduler) == [("a", 300, 1), ("b", 212, 88)]
     assert plan(scheduler) == [("a", 301, 1), ("b", 300, 1)]
+
+
+def test_a_long_prompt_beside_running_decodes_is_split_into_steps_of_at_most_the_threshold():
+    scheduler = create_scheduler(budget=256, long_prefill_token_threshold=64)
+    scheduler.add_request(create_request("short", 40, max_tokens=8))
+    assert plan(scheduler) == [("short", 0, 40)]       # under the threshold: one step, as without it
+    scheduler.add_request(create_request("long", 150))
+    # Admitted with 64 tokens, continued 64 at a time while running; "short" decodes every step.
+    assert plan(scheduler) == [("short", 40, 1), ("long", 0, 64)]
+    assert plan(scheduler) == [("short", 41, 1), ("long", 64, 64)]
+    assert plan(scheduler) == [("short", 42, 1), ("long", 128, 22)]
+    assert plan(scheduler) == [("short", 43, 1), ("long", 150, 1)]
+
+
+def test_the_threshold_caps_each_prefill_and_the_budget_still_caps_the_step():
+    scheduler = create_scheduler(budget=100, long_prefill_token_threshold=64)
+    for rid in ("a", "b"):
+        scheduler.add_request(create_request(rid, 150))
+    assert plan(scheduler) == [("a", 0, 64), ("b", 0, 36)]
+    assert plan(scheduler) == [("a", 64, 64), ("b", 36, 36)]
+    assert plan(scheduler) == [("a", 128, 22), ("b", 72, 64)]
+    assert plan(scheduler) == [("a", 150, 1), ("b", 136, 14)]
+
+
+def test_a_prefill_resuming_after_its_kv_load_is_capped_by_the_threshold():
+    connector = FakeConnector({"hit": 512})
+    scheduler = create_scheduler(budget=1024, connector=connector, long_prefill_token_threshold=64)
+    scheduler.add_request(create_request("hit", 600))
+    assert plan(scheduler) == []
+    connector.finish("hit", 512)
+    assert plan(scheduler) == [("hit", 512, 64)]
+    assert plan(scheduler) == [("hit", 576, 24)]
+    assert connector.prefills == [("hit", 512)]
 
 
 def test_the_most_recent_request_is_preempted_when_blocks_run_out_and_resumes_from_scratch():
